@@ -1,0 +1,1 @@
+"""submitit job callables and executor set-up for the fcmae library."""

@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""Submit FCMAE pretraining jobs through submitit, to Slurm or to the local machine.
+
+    python run_with_submitit.py pretrain --model convnextv2_atto --data /datasets/imagenet/train \\
+        --output_dir runs/v2_atto --nodes 2 --tasks_per_node 8 --gpus_per_node 8 --partition gpu
+
+Every option is checked here, on the login node, before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from fcmae.config import ConfigError, PretrainConfig, load_config, save_config
+from jobs.executor import CLUSTERS, LaunchError, Resources, make_executor, resolve_cluster
+
+logger = logging.getLogger("run_with_submitit")
+
+CONFIG_HELP = {
+    "model": "encoder, e.g. convnextv2_atto (V2, GRN) or convnext_atto (V1)",
+    "data": "image folder (flat or one sub-folder per class), or 'sample' for the photos shipped with "
+            "scikit-image, scikit-learn and matplotlib",
+    "output_dir": "run folder: checkpoints, logs, TensorBoard; an existing run there is resumed",
+    "epochs": "training epochs",
+    "warmup_epochs": "epochs of linear learning-rate warmup",
+    "batch_size": "images per rank and micro-batch",
+    "update_freq": "micro-batches accumulated per optimizer step",
+    "blr": "base learning rate; lr = blr * batch_size * update_freq * world size / 256",
+    "lr": "absolute learning rate (overrides --blr)",
+    "min_lr": "learning rate at the end of the cosine schedule",
+    "weight_decay": "AdamW weight decay (not applied to biases, norms, GRN, LayerScale, mask token)",
+    "betas": "AdamW betas",
+    "mask_ratio": "fraction of 32-pixel patches removed, in (0, 1)",
+    "input_size": "crop size in pixels, a multiple of the patch size",
+    "patch_size": "mask patch size in pixels (the encoder's total stride, 32)",
+    "in_chans": "input image channels",
+    "decoder_dim": "decoder width",
+    "decoder_depth": "decoder ConvNeXt V2 blocks",
+    "encoder_impl": "masked encoder implementation: dense (reference) or sparse",
+    "num_workers": "DataLoader worker processes per rank",
+    "seed": "seed of data order, augmentation, masks and initialization",
+    "data_repeat": "times each image appears per epoch (default: 32 for --data sample, else 1)",
+    "bf16": "bfloat16 autocast",
+    "channels_last": "channels-last memory format",
+    "device": "auto, cpu or cuda",
+    "clip_grad": "clip the gradient norm to this value",
+    "log_every": "optimizer steps between progress lines",
+    "save_every_steps": "optimizer steps between periodic checkpoints (0: off)",
+    "save_every_minutes": "minutes between periodic checkpoints (0: off)",
+    "keep_last": "numbered checkpoints kept besides last.pt",
+    "recon_every": "epochs between reconstruction images in TensorBoard",
+}
+OPTIONAL_TYPES = {"lr": float, "data_repeat": int, "clip_grad": float}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PretrainConfig()
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name == "extra":
+            continue
+        default = getattr(defaults, f.name)
+        help_text = f"{CONFIG_HELP[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif f.name == "betas":
+            parser.add_argument("--betas", type=float, nargs=2, default=list(default), help=help_text)
+        else:
+            kind = OPTIONAL_TYPES.get(f.name, type(default))
+            parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    r = Resources()
+    group = parser.add_argument_group("launch")
+    group.add_argument("--cluster", default="auto", choices=CLUSTERS,
+                       help="auto: Slurm when sbatch is on PATH, else submitit's local executor")
+    group.add_argument("--nodes", type=int, default=r.nodes)
+    group.add_argument("--tasks_per_node", type=int, default=r.tasks_per_node, help="ranks per node")
+    group.add_argument("--cpus_per_task", type=int, default=r.cpus_per_task, help="CPU cores per rank")
+    group.add_argument("--gpus_per_node", type=int, default=r.gpus_per_node)
+    group.add_argument("--mem_gb", type=float, default=None, help="memory per node in GB")
+    group.add_argument("--timeout_min", type=int, default=r.timeout_min, help="job time limit in minutes")
+    group.add_argument("--partition", default=None)
+    group.add_argument("--account", default=None)
+    group.add_argument("--qos", default=None)
+    group.add_argument("--constraint", default=None)
+    group.add_argument("--signal_delay_s", type=int, default=r.signal_delay_s,
+                       help="seconds before the time limit at which Slurm signals the job to checkpoint")
+    group.add_argument("--slurm_additional_parameters", type=json.loads, default={},
+                       help='extra sbatch options as JSON, e.g. \'{"exclusive": true}\'')
+    group.add_argument("--job_name", default=None, help="Slurm job name (default: fcmae-<model>)")
+    group.add_argument("--wait", action="store_true", help="block, stream rank 0's log and return its result")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in --output_dir with its saved config, ignoring changed options")
+    group.add_argument("--force", action="store_true",
+                       help="start a new run in --output_dir; an existing run there is moved to a "
+                            "replaced-<time> sub-folder, never deleted")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    pretrain = commands.add_parser("pretrain", help="submit one FCMAE pretraining job")
+    add_config_arguments(pretrain)
+    add_launch_arguments(pretrain)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    names = [f.name for f in dataclasses.fields(PretrainConfig) if f.name != "extra"]
+    return PretrainConfig(**{name: getattr(args, name) for name in names})
+
+
+def resources_from_args(args: argparse.Namespace) -> Resources:
+    return Resources(nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
+                     gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
+                     partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+                     signal_delay_s=args.signal_delay_s, additional_parameters=args.slurm_additional_parameters)
+
+
+def prepare_output_dir(config: PretrainConfig, resume: bool, force: bool) -> PretrainConfig:
+    """Reconcile `config` with a run already in its output folder; return the config to run."""
+    output_dir = Path(config.output_dir)
+    saved = load_config(output_dir)
+    if saved is None:
+        return config
+    changed = saved.diff(config)
+    if not changed:
+        logger.info("output folder %s holds this run; the job resumes from its newest checkpoint", output_dir)
+        return config
+    listing = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in sorted(changed.items()))
+    if resume:
+        logger.warning("resuming the run in %s with its saved config; ignoring changed options: %s",
+                       output_dir, listing)
+        saved.output_dir = config.output_dir
+        return saved
+    if force:
+        archive = output_dir / f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
+        archive.mkdir()
+        for entry in output_dir.iterdir():
+            if entry != archive and not entry.name.startswith("replaced-"):
+                entry.rename(archive / entry.name)
+        logger.warning("moved the previous run in %s to %s", output_dir, archive)
+        return config
+    raise ConfigError(f"output folder {output_dir} holds a run with a different config ({listing}); pass "
+                      f"--resume to continue that run, --force to start a new one (the old run is kept in a "
+                      f"replaced-<time> sub-folder), or choose another --output_dir")
+
+
+def submit_pretrain(args: argparse.Namespace):
+    """Validate, submit and report one pretraining job; returns the submitit job."""
+    from jobs.pretrain import PretrainJob
+
+    config = config_from_args(args)
+    config.validate(check_data=True)
+    resources = resources_from_args(args)
+    resources.validate()
+    cluster = resolve_cluster(args.cluster)
+    config = prepare_output_dir(config, args.resume, args.force)
+
+    output_dir = Path(config.output_dir).resolve()
+    config.output_dir = str(output_dir)
+    executor = make_executor(cluster, output_dir / "submitit" / "%j", args.job_name or f"fcmae-{config.model}",
+                             resources)
+    save_config(config, output_dir)
+    job = executor.submit(PretrainJob(config.to_dict(), threads=resources.cpus_per_task))
+
+    print(f"submitted job {job.job_id} ({config.model}, {cluster}, {resources.world_size} rank(s))")
+    print(f"  log:    {job.paths.stdout}")
+    print(f"  output: {output_dir}")
+    sys.stdout.flush()
+    return job
+
+
+def stream_until_done(job, poll_s: float = 2.0) -> dict:
+    """Print new lines of the job's stdout until it finishes; return its result or raise."""
+    position = 0
+    while True:
+        done = job.done()
+        path = Path(job.paths.stdout)
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+                position += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if done:
+            return job.result()
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    try:
+        job = submit_pretrain(args)
+    except (ConfigError, LaunchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.wait:
+        return 0
+    try:
+        result = stream_until_done(job)
+    except Exception as error:  # submitit re-raises the job's failure with its traceback
+        print(f"error: job {job.job_id} failed: {error}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} {result['status']}: step {result['step']}/{result['total_steps']}, "
+          f"loss {result['loss']}, output {result['output_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
