@@ -16,7 +16,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -38,11 +37,21 @@ def safe_load(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path} was rejected: it holds Python objects other than tensors and plain "
-                              f"types, which weights_only loading refuses to run ({error}). Only load files "
-                              f"you trust, and re-save them as plain state dicts") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        if "Unsupported global" in str(error) or "Weights only load failed" in str(error):
+            raise CheckpointError(f"{path} was rejected: it holds Python objects other than tensors and plain "
+                                  f"types, which weights_only loading refuses to run. Only load files you "
+                                  f"trust, and re-save them as plain state dicts ({_first_line(error)})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt pickle: {_first_line(error)})") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as error:  # torch reports truncated or foreign files with many exception types
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
+                              f"{_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def atomic_torch_save(obj, path: Path) -> None:

@@ -69,20 +69,27 @@ class MaskedConvNeXtEncoder(nn.Module):
     def out_channels(self) -> int:
         return self.dims[-1]
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Encode (B, C, H, W) images with a (B, L) mask; returns (B, C_last, H/32, W/32)."""
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, trace: list | None = None) -> torch.Tensor:
+        """Encode (B, C, H, W) images with a (B, L) mask; returns (B, C_last, H/32, W/32).
+
+        When `trace` is a list, (layer name, output, visibility map) is appended to it for
+        the stem, every downsampling layer and every block.
+        """
         grid = int(mask.shape[1] ** 0.5)
         x = self.stem[0](images)
         visible = upsample_mask(mask, grid, x.shape[-1]).to(x.dtype)
         x = self.stem[1](x * visible) * visible
+        _record(trace, "stem", x, visible)
 
-        for stage in self.stages:
+        for s, stage in enumerate(self.stages):
             if not isinstance(stage.downsample, nn.Identity):
                 x = stage.downsample(x)
                 visible = upsample_mask(mask, grid, x.shape[-1]).to(x.dtype)
                 x = x * visible
-            for block in stage.blocks:
+                _record(trace, f"stages.{s}.downsample", x, visible)
+            for b, block in enumerate(stage.blocks):
                 x = self._block(block, x, visible)
+                _record(trace, f"stages.{s}.blocks.{b}", x, visible)
         return x
 
     def _block(self, block: nn.Module, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -108,6 +115,11 @@ class MaskedConvNeXtEncoder(nn.Module):
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         """Return the encoder weights with timm keys, detached and on the CPU."""
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+
+
+def _record(trace: list | None, name: str, x: torch.Tensor, visible: torch.Tensor) -> None:
+    if trace is not None:
+        trace.append((name, x, visible))
 
 
 class FCMAE(nn.Module):
@@ -136,9 +148,12 @@ class FCMAE(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.num_patches = (input_size // patch_size) ** 2
         self.encoder = make_encoder(model_name, in_chans, encoder_impl)
+        # The classifier-head norm exists only for timm compatibility; pretraining never uses it.
+        self.encoder.head.requires_grad_(False)
 
         self.proj = nn.Conv2d(self.encoder.out_channels, decoder_dim, kernel_size=1)
-        self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
+        # Kept 2-D so channels_last conversion never changes its strides (DDP buckets expect them).
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim))
         self.decoder = nn.Sequential(*[
             ConvNeXtBlock(decoder_dim, use_grn=True, ls_init_value=None, conv_mlp=False)
             for _ in range(decoder_depth)
@@ -179,7 +194,7 @@ class FCMAE(nn.Module):
         x = self.proj(latent)
         B, _, h, w = x.shape
         removed = mask.reshape(B, 1, h, w).to(x.dtype)
-        x = x * (1.0 - removed) + self.mask_token.to(x.dtype) * removed
+        x = x * (1.0 - removed) + self.mask_token.to(x.dtype).reshape(1, -1, 1, 1) * removed
         x = self.pred(self.decoder(x))
         return x.flatten(2).transpose(1, 2)
 
