@@ -47,7 +47,7 @@ class PretrainConfig:
     in_chans: int = 3
     decoder_dim: int = 512
     decoder_depth: int = 1
-    encoder_impl: str = "dense"
+    encoder_impl: str = "sparse"              # sparse (visible-only) or dense (reference)
     num_workers: int = 4                     # DataLoader workers per rank
     seed: int = 0
     data_repeat: int | None = None           # times each file appears per epoch; None: 32 for sample, else 1

@@ -133,7 +133,7 @@ class FCMAE(nn.Module):
 
     def __init__(self, model_name: str, input_size: int = 224, mask_ratio: float = 0.6,
                  patch_size: int = ENCODER_STRIDE, in_chans: int = 3, decoder_dim: int = 512,
-                 decoder_depth: int = 1, encoder_impl: str = "dense", norm_pix_loss: bool = True):
+                 decoder_depth: int = 1, encoder_impl: str = "sparse", norm_pix_loss: bool = True):
         super().__init__()
         check_model_name(model_name)
         check_geometry(input_size, patch_size, mask_ratio)
@@ -266,6 +266,6 @@ def check_geometry(input_size: int, patch_size: int, mask_ratio: float) -> None:
 
 
 def build_fcmae(model_name: str, input_size: int = 224, mask_ratio: float = 0.6,
-                encoder_impl: str = "dense", **kwargs) -> FCMAE:
+                encoder_impl: str = "sparse", **kwargs) -> FCMAE:
     """Build an FCMAE whose forward(images) returns (loss, prediction, mask)."""
     return FCMAE(model_name, input_size=input_size, mask_ratio=mask_ratio, encoder_impl=encoder_impl, **kwargs)
