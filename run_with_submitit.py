@@ -49,6 +49,7 @@ CONFIG_HELP = {
     "data_repeat": "times each image appears per epoch (default: 32 for --data sample, else 1)",
     "bf16": "bfloat16 autocast",
     "channels_last": "channels-last memory format",
+    "compile": "compile the model with torch.compile",
     "device": "auto, cpu or cuda",
     "clip_grad": "clip the gradient norm to this value",
     "log_every": "optimizer steps between progress lines",

@@ -53,6 +53,7 @@ class PretrainConfig:
     data_repeat: int | None = None           # times each file appears per epoch; None: 32 for sample, else 1
     bf16: bool = False                       # bfloat16 autocast
     channels_last: bool = True
+    compile: bool = False                    # torch.compile the model (off: see benchmarks/README.md)
     device: str = "auto"                     # auto, cpu or cuda
     clip_grad: float | None = None
     log_every: int = 10                      # optimizer steps between progress lines

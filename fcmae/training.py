@@ -116,6 +116,10 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = optim.build_optimizer(self.model, self.base_lr, cfg.weight_decay, cfg.betas)
         self.ddp = DistributedDataParallel(self.model) if env.distributed else None
+        # The compiled module shares parameters with self.model, which stays the one saved.
+        self.forward_module = self.ddp if self.ddp is not None else self.model
+        if cfg.compile:
+            self.forward_module = torch.compile(self.forward_module)
 
     @property
     def effective_batch(self) -> int:
@@ -229,11 +233,10 @@ class Trainer:
 
     def _forward_backward(self, images: torch.Tensor, mask: torch.Tensor, sync: bool) -> torch.Tensor:
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
-        module = self.ddp if self.ddp is not None else self.model
         autocast = torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
         with no_sync:
             with autocast:
-                loss, _, _ = module(images, mask)
+                loss, _, _ = self.forward_module(images, mask)
             (loss / self.cfg.update_freq).backward()
         return loss.detach().float()
 
