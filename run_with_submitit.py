@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fcmae.config import ConfigError, PretrainConfig, load_config, save_config
 from jobs.executor import CLUSTERS, LaunchError, Resources, make_executor, resolve_cluster
+from jobs.status import StatusError, cancel_run, format_status, record_submission, run_status
 
 logger = logging.getLogger("run_with_submitit")
 
@@ -97,7 +98,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--slurm_additional_parameters", type=json.loads, default={},
                        help='extra sbatch options as JSON, e.g. \'{"exclusive": true}\'')
     group.add_argument("--job_name", default=None, help="Slurm job name (default: fcmae-<model>)")
+    group.add_argument("--max_requeues", type=int, default=r.max_requeues,
+                       help="interruptions (preemptions, time limits) after which the job stops requeueing itself")
     group.add_argument("--wait", action="store_true", help="block, stream rank 0's log and return its result")
+    group.add_argument("--dry_run", action="store_true",
+                       help="validate and print the sbatch script (Slurm) or the job settings; submit nothing")
     group.add_argument("--resume", action="store_true",
                        help="continue the run in --output_dir with its saved config, ignoring changed options")
     group.add_argument("--force", action="store_true",
@@ -111,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser("pretrain", help="submit one FCMAE pretraining job")
     add_config_arguments(pretrain)
     add_launch_arguments(pretrain)
+    status = commands.add_parser("status", help="show the state and progress of a run's newest job")
+    status.add_argument("output_dir")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    cancel = commands.add_parser("cancel", help="cancel a run's newest job (checkpoints are kept)")
+    cancel.add_argument("output_dir")
     return parser
 
 
@@ -123,7 +133,8 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     return Resources(nodes=args.nodes, tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task,
                      gpus_per_node=args.gpus_per_node, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
                      partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-                     signal_delay_s=args.signal_delay_s, additional_parameters=args.slurm_additional_parameters)
+                     signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues,
+                     additional_parameters=args.slurm_additional_parameters)
 
 
 def prepare_output_dir(config: PretrainConfig, resume: bool, force: bool) -> PretrainConfig:
@@ -168,10 +179,16 @@ def submit_pretrain(args: argparse.Namespace):
 
     output_dir = Path(config.output_dir).resolve()
     config.output_dir = str(output_dir)
-    executor = make_executor(cluster, output_dir / "submitit" / "%j", args.job_name or f"fcmae-{config.model}",
-                             resources)
+    name = args.job_name or f"fcmae-{config.model}"
+    if args.dry_run:
+        print(dry_run_text(cluster, output_dir, name, resources, config))
+        return None
+
+    executor = make_executor(cluster, output_dir / "submitit" / "%j", name, resources)
     save_config(config, output_dir)
-    job = executor.submit(PretrainJob(config.to_dict(), threads=resources.cpus_per_task))
+    job = executor.submit(PretrainJob(config.to_dict(), threads=resources.cpus_per_task,
+                                      timeout_min=resources.timeout_min, max_requeues=resources.max_requeues))
+    record_submission(output_dir, job.job_id, cluster, resources.world_size)
 
     print(f"submitted job {job.job_id} ({config.model}, {cluster}, {resources.world_size} rank(s))")
     print(f"  log:    {job.paths.stdout}")
@@ -180,8 +197,22 @@ def submit_pretrain(args: argparse.Namespace):
     return job
 
 
+def dry_run_text(cluster: str, output_dir: Path, name: str, resources: Resources, config: PretrainConfig) -> str:
+    """Describe what would be submitted: the sbatch script on Slurm, the settings elsewhere."""
+    import tempfile
+
+    header = f"# dry run: nothing submitted\n# config: {json.dumps(config.to_dict(), sort_keys=True)}\n"
+    if cluster != "slurm":
+        return header + f"# {cluster} job {name!r}: {dataclasses.asdict(resources)}"
+    with tempfile.TemporaryDirectory() as scratch:
+        executor = make_executor(cluster, Path(scratch) / "%j", name, resources)
+        slurm = executor._executor
+        script = slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
+    return header + script.replace(scratch, str(output_dir / "submitit"))
+
+
 def stream_until_done(job, poll_s: float = 2.0) -> dict:
-    """Print new lines of the job's stdout until it finishes; return its result or raise."""
+    """Print new lines of rank 0's stdout until the job finishes; return rank 0's result or raise."""
     position = 0
     while True:
         done = job.done()
@@ -195,19 +226,30 @@ def stream_until_done(job, poll_s: float = 2.0) -> dict:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         if done:
-            return job.result()
+            return job.results()[0]
         time.sleep(poll_s)
+
+
+def show_status(args: argparse.Namespace) -> int:
+    status = run_status(args.output_dir)
+    print(json.dumps(status, indent=2) if args.format == "json" else format_status(status))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "status":
+            return show_status(args)
+        if args.command == "cancel":
+            print(f"cancelled job {cancel_run(args.output_dir)}")
+            return 0
         job = submit_pretrain(args)
-    except (ConfigError, LaunchError) as error:
+    except (ConfigError, LaunchError, StatusError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not args.wait:
+    if job is None or not args.wait:
         return 0
     try:
         result = stream_until_done(job)

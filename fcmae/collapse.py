@@ -113,11 +113,12 @@ def find_feature_layers(encoder: nn.Module) -> list[FeatureLayer]:
 
 
 def _feature_module(block: nn.Module, stage_index: int, block_index: int) -> tuple[str, nn.Module]:
-    prefix = f"stages.{stage_index}.blocks.{block_index}.mlp"
+    block_name = f"stages.{stage_index}.blocks.{block_index}"
+    prefix = f"{block_name}.mlp"
     mlp = getattr(block, "mlp", None)
     if mlp is None or not hasattr(mlp, "act") or not hasattr(mlp, "fc1"):
-        raise FeatureError(f"block {prefix[:-4]} has no timm ConvNeXt MLP (mlp.fc1, mlp.act); "
-                           f"only timm ConvNeXt V1/V2 encoders are supported")
+        raise FeatureError(f"block {block_name} has no timm ConvNeXt MLP with fc1 and act; "
+                           f"only timm ConvNeXt V1 and V2 encoders are supported")
 
     grn = getattr(mlp, "grn", None)
     if grn is not None and not isinstance(grn, nn.Identity):
@@ -204,7 +205,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor,
     gradients or masking, and its training flag is restored afterwards.
     """
     all_layers = find_feature_layers(encoder)
-    wanted = _select_layers(all_layers, layers)
+    requested = _select_layers(all_layers, layers)
     captured: dict[int, torch.Tensor] = {}
 
     def make_hook(layer: FeatureLayer):
@@ -212,7 +213,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor,
             captured[layer.layer] = to_channels_first(output.detach(), layer).cpu()
         return hook
 
-    with _hooks(wanted, make_hook), _eval_mode(encoder), torch.no_grad():
+    with _hooks(requested, make_hook), _eval_mode(encoder), torch.no_grad():
         encoder(images.to(_device_of(encoder)))
     return captured
 
@@ -222,10 +223,10 @@ def layer_distances(encoder: nn.Module, images: torch.Tensor | Iterable[torch.Te
     """Measure the feature cosine distance of every layer, averaged over images.
 
     images: one (N, 3, S, S) tensor, which is split into batches of `batch_size`, or an
-    iterable of such batches (for example one that loads files lazily). Each layer's
-    features are reduced to per-image numbers inside the forward hook, so memory holds one
-    batch of one layer at a time. The encoder runs in eval mode without gradients or
-    masking.
+    iterable of (B, 3, S, S) batches used as they come, for example one that loads files
+    lazily. Each layer's features are reduced to per-image numbers inside the forward hook,
+    so memory contains the features of one batch in one layer at a time. The encoder runs
+    in eval mode without gradients or masking.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")

@@ -119,7 +119,7 @@ class Monitor:
         self._interval_start, self._interval_steps, self._loss_sum = time.monotonic(), 0, 0.0
 
     def _write_progress(self, pos, loss: float, lr: float) -> None:
-        record = {"time": utc_now(), "step": pos.step, "total_steps": self.total_steps, "epoch": pos.epoch,
+        record = {"time": utc_now(), "step": pos.step, "total_steps": self.total_steps, "epoch": pos.epoch + 1,
                   "epochs": self.cfg.epochs, "samples_seen": pos.samples_seen, "loss": loss, "lr": lr,
                   "images_per_s": self._images_per_s}
         atomic_write_json(self.output_dir / PROGRESS_FILE, record)

@@ -112,7 +112,9 @@ class Trainer:
         self.model = FCMAE(cfg.model, input_size=cfg.input_size, mask_ratio=cfg.mask_ratio,
                            patch_size=cfg.patch_size, in_chans=cfg.in_chans, decoder_dim=cfg.decoder_dim,
                            decoder_depth=cfg.decoder_depth, encoder_impl=cfg.encoder_impl).to(env.device)
-        if cfg.channels_last:
+        if cfg.channels_last and cfg.encoder_impl == "dense":
+            # The sparse encoder multiplies reshaped weights, whose gradients come back contiguous:
+            # channels_last parameters would then mismatch DDP's gradient buckets.
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = optim.build_optimizer(self.model, self.base_lr, cfg.weight_decay, cfg.betas)
         self.ddp = DistributedDataParallel(self.model) if env.distributed else None

@@ -30,6 +30,7 @@ class Resources:
     qos: str | None = None
     constraint: str | None = None
     signal_delay_s: int = 120
+    max_requeues: int = 100
     additional_parameters: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -38,6 +39,8 @@ class Resources:
                 raise LaunchError(f"invalid --{name} {getattr(self, name)}: it must be at least 1")
         if self.gpus_per_node < 0:
             raise LaunchError(f"invalid --gpus_per_node {self.gpus_per_node}: it must not be negative")
+        if self.max_requeues < 0:
+            raise LaunchError(f"invalid --max_requeues {self.max_requeues}: it must not be negative")
         if self.signal_delay_s < 0:
             raise LaunchError(f"invalid --signal_delay_s {self.signal_delay_s}: it must not be negative")
 
@@ -79,15 +82,18 @@ def make_executor(cluster: str, folder: str | Path, name: str, resources: Resour
     """Return a configured executor; `cluster` must already be resolved (not 'auto')."""
     resources.validate()
     check_local_resources(cluster, resources)
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    # submitit counts time-limit requeues against slurm_max_num_timeout; PretrainJob bounds all of them.
+    extra = {"slurm_max_num_timeout": resources.max_requeues} if cluster == "slurm" else {}
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster, **extra)
     executor.update_parameters(
         name=name,
         nodes=resources.nodes,
         tasks_per_node=resources.tasks_per_node,
         cpus_per_task=resources.cpus_per_task,
-        gpus_per_node=resources.gpus_per_node,
         timeout_min=resources.timeout_min,
     )
+    if resources.gpus_per_node:
+        executor.update_parameters(gpus_per_node=resources.gpus_per_node)
     if resources.mem_gb is not None:
         executor.update_parameters(mem_gb=resources.mem_gb)
     if cluster == "slurm":
