@@ -30,6 +30,7 @@ from .data import AugmentConfig, PretrainDataset, ResumableSampler, iters_per_ep
 from .distributed import DistEnv, all_reduce_sum, barrier
 from .models import FCMAE
 from .monitor import Monitor, run_info
+from .runlock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,13 @@ class Trainer:
 
     # --------------------------------------------------------------- training
     def run(self) -> TrainResult:
+        """Train to the end or until a stop is requested; rank 0 holds the run folder's lock."""
+        lock = RunLock(self.output_dir) if self.env.is_main else contextlib.nullcontext()
+        with lock:
+            barrier(self.env)
+            return self._run()
+
+    def _run(self) -> TrainResult:
         resumed = self.try_resume()
         if self.env.is_main:
             save_config(self.cfg, self.output_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +50,25 @@ class Resources:
         return self.nodes * self.tasks_per_node
 
 
+def slurm_reachable() -> bool:
+    """Whether the Slurm client is installed and a controller answers `sinfo`."""
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "--noheader"], capture_output=True, timeout=20).returncode == 0
+    except (subprocess.SubprocessError, OSError):
+        return False
+
+
 def resolve_cluster(cluster: str) -> str:
-    """Map 'auto' to 'slurm' when sbatch is on PATH, else to 'local'."""
+    """Map 'auto' to 'slurm' when a Slurm controller answers, else to 'local'."""
     if cluster not in CLUSTERS:
         raise LaunchError(f"invalid --cluster {cluster!r}; valid values: {', '.join(CLUSTERS)}")
     if cluster == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
-    if cluster == "slurm" and not shutil.which("sbatch"):
-        raise LaunchError("--cluster slurm needs the Slurm client (sbatch) on PATH; run on a login node "
-                          "or use --cluster local")
+        return "slurm" if slurm_reachable() else "local"
+    if cluster == "slurm" and not slurm_reachable():
+        raise LaunchError("--cluster slurm needs the Slurm client (sbatch) on PATH and a controller that answers "
+                          "`sinfo` (check SLURM_CONF); run on a login node or use --cluster local")
     return cluster
 
 

@@ -137,3 +137,14 @@ def test_two_rank_ddp_matches_one_rank_with_double_batch(photo_dir, tmp_path):
     for key in expected:
         # float32 sums in a different order: 8 AdamW steps at lr 1e-3 stay within 1e-5.
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_run_lock_blocks_a_second_holder(tmp_path):
+    from fcmae.runlock import RunLock, RunLockTimeout
+
+    with RunLock(tmp_path):
+        second = RunLock(tmp_path, timeout_s=0.5, poll_s=0.1)
+        with pytest.raises(RunLockTimeout, match="still locked by pid"):
+            second.acquire()
+    with RunLock(tmp_path, timeout_s=0.5):
+        pass
