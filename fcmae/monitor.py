@@ -74,6 +74,18 @@ def run_info(output_dir: Path, world_size: int, resumed: bool) -> None:
     atomic_write_json(path, info)
 
 
+def drop_records_after(path: Path, samples_seen: int) -> None:
+    """Remove metrics lines written after the checkpoint a resumed run restarts from."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["samples_seen"] <= samples_seen]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 class Monitor:
     """Rank-0 progress lines, TensorBoard scalars and images, and the progress file."""
 
@@ -93,7 +105,9 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.output_dir / "tensorboard"),
-                                        purge_step=samples_seen if resumed else None)
+                                        purge_step=samples_seen + 1 if resumed else None)
+            if resumed:
+                drop_records_after(self.output_dir / METRICS_FILE, samples_seen)
 
     def log_step(self, pos, loss: float, lr: float) -> None:
         self.last_loss = loss

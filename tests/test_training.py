@@ -115,6 +115,23 @@ def test_resume_mid_epoch_is_bitwise_exact(photo_dir, tmp_path, update_freq, sto
     actual = final_model_state(tmp_path / "interrupted")
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+    assert_curves_continue(tmp_path / "reference", tmp_path / "interrupted")
+
+
+def assert_curves_continue(reference, resumed) -> None:
+    """TensorBoard and metrics.jsonl of a resumed run hold each step once, like the uninterrupted run."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def loss_steps(folder):
+        events = EventAccumulator(str(folder / "tensorboard"))
+        events.Reload()
+        return [e.step for e in events.Scalars("train/loss")]
+
+    assert loss_steps(resumed) == loss_steps(reference)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
 
 
 def free_port() -> int:
