@@ -58,6 +58,9 @@ CONFIG_HELP = {
     "save_every_minutes": "minutes between periodic checkpoints (0: off)",
     "keep_last": "numbered checkpoints kept besides last.pt",
     "recon_every": "epochs between reconstruction images in TensorBoard",
+    "collapse_every": "epochs between per-layer feature cosine distance measurements (0: off)",
+    "collapse_data": "image folder, or 'sample', for the collapse measurements",
+    "collapse_images": "images per collapse measurement (centre crop, no masking)",
 }
 OPTIONAL_TYPES = {"lr": float, "data_repeat": int, "clip_grad": float}
 

@@ -17,7 +17,7 @@ CONFIG_FILE = "config.json"
 # they change how the run is executed or reported, not what it computes.
 RUNTIME_OPTIONS = frozenset({
     "output_dir", "num_workers", "log_every", "save_every_steps", "save_every_minutes", "keep_last",
-    "recon_every", "device",
+    "recon_every", "device", "collapse_every", "collapse_data", "collapse_images",
 })
 
 
@@ -61,6 +61,9 @@ class PretrainConfig:
     save_every_minutes: float = 10.0         # wall-clock minutes between periodic checkpoints
     keep_last: int = 2                       # checkpoints kept besides last.pt
     recon_every: int = 1                     # epochs between reconstruction images in TensorBoard
+    collapse_every: int = 10                 # epochs between feature cosine distance measurements (0: off)
+    collapse_data: str = SAMPLE_DATA         # image folder (or 'sample') for those measurements
+    collapse_images: int = 16                # at most this many images, centre-cropped, unmasked
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -98,7 +101,8 @@ class PretrainConfig:
         self._check_positive("epochs", "batch_size", "update_freq", "blr", "decoder_dim", "decoder_depth", "in_chans")
         self._check_non_negative("warmup_epochs", "num_workers", "weight_decay", "min_lr", "save_every_steps",
                                  "save_every_minutes", "seed")
-        self._check_positive("log_every", "keep_last", "recon_every")
+        self._check_positive("log_every", "keep_last", "recon_every", "collapse_images")
+        self._check_non_negative("collapse_every")
         if self.warmup_epochs > self.epochs:
             raise ConfigError(f"invalid --warmup_epochs {self.warmup_epochs}: it must not exceed --epochs "
                               f"{self.epochs}; lower it or train longer")

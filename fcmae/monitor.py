@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
+COLLAPSE_FILE = "collapse.jsonl"
 RUN_INFO_FILE = "run_info.json"
 RECON_IMAGES = 4
 
@@ -101,6 +102,8 @@ class Monitor:
         self._loss_sum = 0.0
         self._images_per_s = 0.0
         self.writer = None
+        self._collapse_encoder = None
+        self._collapse_images = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -108,6 +111,7 @@ class Monitor:
                                         purge_step=samples_seen + 1 if resumed else None)
             if resumed:
                 drop_records_after(self.output_dir / METRICS_FILE, samples_seen)
+                drop_records_after(self.output_dir / COLLAPSE_FILE, samples_seen)
 
     def log_step(self, pos, loss: float, lr: float) -> None:
         self.last_loss = loss
@@ -141,12 +145,48 @@ class Monitor:
             handle.write(json.dumps(record) + "\n")
 
     def end_epoch(self, model, dataset, pos) -> None:
-        """Log reconstructions of a fixed batch every `recon_every` epochs (rank 0)."""
-        if not self.env.is_main or pos.epoch % self.cfg.recon_every:
+        """Log reconstructions and the collapse metric at their epoch intervals (rank 0)."""
+        if not self.env.is_main:
             return
-        grid = reconstruction_grid(model, dataset.paths[:RECON_IMAGES], self.cfg.seed, self.env.device)
-        self.writer.add_image("reconstruction", grid, pos.samples_seen)
+        if pos.epoch % self.cfg.recon_every == 0:
+            grid = reconstruction_grid(model, dataset.paths[:RECON_IMAGES], self.cfg.seed, self.env.device)
+            self.writer.add_image("reconstruction", grid, pos.samples_seen)
+        every = self.cfg.collapse_every
+        if every and (pos.epoch % every == 0 or pos.epoch == self.cfg.epochs):
+            self.track_collapse(model, pos)
         self.writer.flush()
+
+    def begin(self, model, pos) -> None:
+        """Measure the collapse metric of the initial encoder (rank 0, new runs only)."""
+        if self.env.is_main and self.cfg.collapse_every:
+            self.track_collapse(model, pos)
+            self.writer.flush()
+
+    def track_collapse(self, model, pos) -> None:
+        """Measure per-layer feature cosine distance of the current encoder on the fixed image set."""
+        from .collapse import layer_distances
+        from .data import resolve_data
+        from .registry import create_encoder
+
+        start = time.monotonic()
+        if self._collapse_encoder is None:
+            paths = resolve_data(self.cfg.collapse_data)[: self.cfg.collapse_images]
+            self._collapse_images = load_eval_images(paths, self.cfg.input_size)
+            self._collapse_encoder = create_encoder(self.cfg.model, in_chans=self.cfg.in_chans).to(self.env.device)
+        self._collapse_encoder.load_state_dict(model.encoder.timm_state_dict())
+        layers = layer_distances(self._collapse_encoder, self._collapse_images.to(self.env.device), batch_size=8)
+
+        for layer in layers:
+            self.writer.add_scalar(f"collapse/stage{layer.stage}_block{layer.block}", layer.distance,
+                                   pos.samples_seen)
+        record = {"epoch": pos.epoch, "step": pos.step, "samples_seen": pos.samples_seen,
+                  "layers": [layer.as_dict() for layer in layers]}
+        with open(self.output_dir / COLLAPSE_FILE, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        mean = sum(layer.distance for layer in layers) / len(layers)
+        logger.info("collapse at epoch %d: mean feature cosine distance %.4f, last layer %.4f "
+                    "(%d images, %.1f s)", pos.epoch, mean, layers[-1].distance, len(self._collapse_images),
+                    time.monotonic() - start)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -195,6 +195,8 @@ class Trainer:
             run_info(self.output_dir, self.env.world_size, resumed)
         self.monitor = Monitor(self.cfg, self.env, self.total_steps, self.position.samples_seen,
                                self.effective_batch, resumed)
+        if not resumed:
+            self.monitor.begin(self.model, self.position)
         logger.info("training %s for %d epochs = %d steps (%d per epoch), effective batch %d, lr %.3g, "
                     "%d ranks on %s", self.cfg.model, self.cfg.epochs, self.total_steps, self.steps_per_epoch,
                     self.effective_batch, self.base_lr, self.env.world_size, self.env.device)

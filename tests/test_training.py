@@ -77,13 +77,33 @@ def test_corrupt_last_checkpoint_falls_back(tmp_path, caplog):
 
 
 def test_training_writes_run_folder(photo_dir, tmp_path):
-    config = tiny_config(photo_dir, tmp_path / "run")
+    config = tiny_config(photo_dir, tmp_path / "run", collapse_every=1, collapse_images=3)
     result = Trainer(config, DistEnv()).run()
     assert result.status == "completed"
     assert result.step == result.total_steps == 8
     for name in ("config.json", "encoder.pth", "run_info.json", "progress.json", "checkpoints/last.pt"):
         assert (tmp_path / "run" / name).exists(), name
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_collapse_tracked_at_configured_epochs(photo_dir, tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(photo_dir, tmp_path / "run", epochs=4, collapse_every=2, collapse_images=3)
+    Trainer(config, DistEnv()).run()
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "collapse.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 2, 4]
+    assert [r["samples_seen"] for r in records] == [0, 32, 64]
+    assert len(records[0]["layers"]) == 12
+    assert all(0.0 <= layer["distance"] <= 0.5 for r in records for layer in r["layers"])
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("collapse/stage3_block1")] == [0, 32, 64]
+    assert "collapse/stage0_block0" in events.Tags()["scalars"]
 
 
 class StopAfter:
