@@ -48,6 +48,8 @@ CONFIG_HELP = {
     "num_workers": "DataLoader worker processes per rank",
     "seed": "seed of data order, augmentation, masks and initialization",
     "data_repeat": "times each image appears per epoch (default: 32 for --data sample, else 1)",
+    "max_bad_fraction": "share of the image files that may fail to decode (each is replaced by another file) "
+                        "before the run stops with a list of them",
     "bf16": "bfloat16 autocast",
     "channels_last": "channels-last memory format",
     "compile": "compile the model with torch.compile",
@@ -124,7 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--format", choices=("table", "json"), default="table")
     cancel = commands.add_parser("cancel", help="cancel a run's newest job (checkpoints are kept)")
     cancel.add_argument("output_dir")
+    add_sweep_arguments(commands.add_parser("sweep", help="launch, inspect, resume or cancel a sweep"))
     return parser
+
+
+def add_sweep_arguments(sweep: argparse.ArgumentParser) -> None:
+    actions = sweep.add_subparsers(dest="sweep_command", required=True)
+    launch = actions.add_parser("launch", help="validate every member and submit them as Slurm job arrays")
+    launch.add_argument("sweep_file")
+    launch.add_argument("--sweep_dir", default=None, help="sweep folder (default: runs/sweeps/<name>)")
+    launch.add_argument("--dry_run", action="store_true", help="print the member table and resources only")
+    launch.add_argument("--force", action="store_true", help="resubmit members whose config changed")
+    launch.add_argument("--array_parallelism", type=int, default=64, help="members running at once per array")
+    launch.add_argument("--no_analysis", action="store_true", help="skip the dependent analysis jobs")
+    launch.add_argument("--cluster", default="auto", choices=("auto", "slurm"))
+    status = actions.add_parser("status", help="one row per member: state, progress, loss, failure reason")
+    status.add_argument("sweep_dir")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    resume = actions.add_parser("resume", help="resubmit failed, cancelled or never started members")
+    resume.add_argument("sweep_dir")
+    resume.add_argument("--no_analysis", action="store_true")
+    cancel = actions.add_parser("cancel", help="cancel the sweep's jobs, or one member's (checkpoints are kept)")
+    cancel.add_argument("sweep_dir")
+    cancel.add_argument("--member", default=None)
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from sweeps import launcher
+
+    if args.sweep_command == "launch":
+        print(launcher.launch(args.sweep_file, args.sweep_dir, dry_run=args.dry_run, force=args.force,
+                              array_parallelism=args.array_parallelism, analysis=not args.no_analysis,
+                              cluster=args.cluster))
+    elif args.sweep_command == "status":
+        records = launcher.sweep_status(args.sweep_dir)
+        print(json.dumps(records, indent=2) if args.format == "json" else launcher.format_status(records))
+    elif args.sweep_command == "resume":
+        print(launcher.resume(args.sweep_dir, analysis=not args.no_analysis))
+    else:
+        print(launcher.cancel(args.sweep_dir, args.member))
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
@@ -248,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cancel":
             print(f"cancelled job {cancel_run(args.output_dir)}")
             return 0
+        if args.command == "sweep":
+            return run_sweep_command(args)
         job = submit_pretrain(args)
-    except (ConfigError, LaunchError, StatusError) as error:
+    except (ConfigError, LaunchError, StatusError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if job is None or not args.wait:
