@@ -11,7 +11,7 @@ bash scripts/setup_env.sh
 PY="${FCMAE_VENV:-$ROOT/.venv}/bin/python"
 
 DEMO_DIR="${DEMO_DIR:-runs/demo}"
-EPOCHS="${DEMO_EPOCHS:-16}"
+EPOCHS="${DEMO_EPOCHS:-12}"
 COMMON=(--data sample --input_size 128 --mask_ratio 0.6 --epochs "$EPOCHS" --warmup_epochs 2
         --batch_size 16 --blr 1.5e-2 --num_workers 1 --cpus_per_task 2 --log_every 20
         --timeout_min 60 --cluster "${DEMO_CLUSTER:-auto}" --wait)
