@@ -198,8 +198,7 @@ def prepare_output_dir(config: PretrainConfig, resume: bool, force: bool) -> Pre
         saved.output_dir = config.output_dir
         return saved
     if force:
-        archive = output_dir / f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
-        archive.mkdir()
+        archive = unique_archive(output_dir)
         for entry in output_dir.iterdir():
             if entry != archive and not entry.name.startswith("replaced-"):
                 entry.rename(archive / entry.name)
@@ -208,6 +207,19 @@ def prepare_output_dir(config: PretrainConfig, resume: bool, force: bool) -> Pre
     raise ConfigError(f"output folder {output_dir} holds a run with a different config ({listing}); pass "
                       f"--resume to continue that run, --force to start a new one (the old run is kept in a "
                       f"replaced-<time> sub-folder), or choose another --output_dir")
+
+
+def unique_archive(output_dir: Path) -> Path:
+    """Create and return OUTPUT_DIR/replaced-<time>[-N], a folder name no earlier run used."""
+    stem = f"replaced-{datetime.now():%Y%m%d-%H%M%S}"
+    for attempt in range(1000):
+        archive = output_dir / (stem if attempt == 0 else f"{stem}-{attempt}")
+        try:
+            archive.mkdir()
+            return archive
+        except FileExistsError:
+            continue
+    raise ConfigError(f"could not create a replaced-<time> folder in {output_dir}; remove old ones")
 
 
 def submit_pretrain(args: argparse.Namespace):
@@ -219,14 +231,16 @@ def submit_pretrain(args: argparse.Namespace):
     resources = resources_from_args(args)
     resources.validate()
     cluster = resolve_cluster(args.cluster)
+    name = args.job_name or f"fcmae-{config.model}"
+    if args.dry_run:
+        output_dir = Path(config.output_dir).resolve()
+        config.output_dir = str(output_dir)
+        print(dry_run_text(cluster, output_dir, name, resources, config))
+        return None
     config = prepare_output_dir(config, args.resume, args.force)
 
     output_dir = Path(config.output_dir).resolve()
     config.output_dir = str(output_dir)
-    name = args.job_name or f"fcmae-{config.model}"
-    if args.dry_run:
-        print(dry_run_text(cluster, output_dir, name, resources, config))
-        return None
 
     executor = make_executor(cluster, output_dir / "submitit" / "%j", name, resources)
     save_config(config, output_dir)

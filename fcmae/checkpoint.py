@@ -5,11 +5,13 @@ Layout under OUTPUT_DIR/checkpoints/:
   renamed, so a file with this name is always complete;
 - last.pt: a hard link to (or, where links fail, a copy of) the newest checkpoint, also
   replaced atomically.
+Temporary files start with a dot and end in .tmp, so no pattern above matches them.
 Checkpoints hold plain types and tensors only, so every load uses weights_only=True.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
@@ -33,20 +35,36 @@ class CheckpointError(RuntimeError):
 
 
 def safe_load(path: str | Path) -> dict:
-    """Load a checkpoint with weights_only=True, with an error that says why a file is rejected."""
+    """Load a checkpoint with weights_only=True; the error explains why a file is rejected.
+
+    weights_only loading never runs code from the file: a pickled reference to a function or
+    class other than tensors and plain types is rejected before anything is called.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" in str(error) or "Weights only load failed" in str(error):
-            raise CheckpointError(f"{path} was rejected: it holds Python objects other than tensors and plain "
-                                  f"types, which weights_only loading refuses to run. Only load files you "
-                                  f"trust, and re-save them as plain state dicts ({_first_line(error)})") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt pickle: {_first_line(error)})") from None
+        detail = _unpickler_detail(error)
+        if "Unsupported global" in detail:
+            raise CheckpointError(f"{path} was rejected: it refers to Python code ({detail}), and weights_only "
+                                  f"loading accepts only tensors and plain types, so nothing from it was run. "
+                                  f"Only load files you trust, and re-save them as plain state dicts") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint: the weights_only unpickler rejected it "
+                              f"({detail}); it is corrupt or was not written by torch.save") from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as error:  # torch reports truncated or foreign files with many exception types
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
-                              f"{_first_line(error)})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint, probably truncated or corrupt "
+                              f"({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _unpickler_detail(error: pickle.UnpicklingError) -> str:
+    """Return the specific part of torch's weights_only error, e.g. 'Unsupported global: GLOBAL os.system ...'."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker not in text:
+        return _first_line(error)
+    detail = text.split(marker, 1)[1].strip().split("\n")[0]
+    return detail.split(" was not an allowed global")[0].strip()
 
 
 def _first_line(error: BaseException) -> str:
@@ -54,13 +72,45 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+class _WriteErrorKeeper:
+    """A binary file wrapper that keeps the OSError of a failed write.
+
+    torch.save reports a failed write of its zip writer as a RuntimeError ('unexpected
+    pos ...') without the cause. The kept error reads 'No space left on device' instead.
+    """
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
 def atomic_torch_save(obj, path: Path) -> None:
-    """Write `obj` to `path` through a temporary file in the same folder, fsync and rename."""
+    """Write `obj` to `path` through a temporary file in the same folder, fsync and rename.
+
+    Raises OSError when the file cannot be written (disk full, permission denied). The
+    temporary file is then removed, and an existing file at `path` stays unchanged.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            writer = _WriteErrorKeeper(handle)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -98,16 +148,31 @@ class CheckpointManager:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, state: dict, step: int) -> Path:
-        """Write `state` as the checkpoint of `step`, point last.pt at it, prune old ones."""
+        """Write `state` as the checkpoint of `step`, point last.pt at it, prune old ones.
+
+        Expects to be the folder's only writer (the training run holds the run lock), so
+        temporary files of a save that was killed can be removed first.
+        """
         path = self.folder / f"checkpoint-{step:09d}.pt"
         try:
+            self._remove_stale_temp_files()
             atomic_torch_save(state, path)
             self._link_last(path)
         except OSError as error:
-            raise CheckpointError(f"failed to write checkpoint {path}: {error}. The previous checkpoint "
-                                  f"{self.last_path} is unchanged; free space or fix permissions and resume") from error
+            previous = f"the previous checkpoint {self.last_path} is unchanged" if self.last_path.exists() \
+                else "no earlier checkpoint exists"
+            raise CheckpointError(f"failed to write checkpoint {path}: {error}; {previous}. "
+                                  f"{_save_error_hint(error, self.folder)}") from error
         self._prune()
         return path
+
+    def _remove_stale_temp_files(self) -> None:
+        if not self.folder.is_dir():
+            return
+        for stale in self.folder.iterdir():
+            if stale.name.startswith((".checkpoint-", f".{LAST}.")) and stale.name.endswith(".tmp"):
+                stale.unlink(missing_ok=True)
+                logger.info("removed %s, the partial file of an interrupted checkpoint save", stale)
 
     def _link_last(self, path: Path) -> None:
         tmp = self.folder / f".{LAST}.tmp"
@@ -127,27 +192,62 @@ class CheckpointManager:
     def load_latest(self) -> tuple[dict, Path] | None:
         """Return (state, path) of the newest readable checkpoint, or None when there is none.
 
-        last.pt is tried first; if it or a newer numbered file cannot be read, older ones are
-        tried in turn and each skipped file is reported with a warning.
+        Files are tried newest first (see `_candidates`). When newer files cannot be read, one
+        warning names each of them with the reason and the older file that is used instead.
         """
-        candidates = [self.last_path] if self.last_path.exists() else []
-        candidates += self.checkpoints()
         failed = []
-        for path in candidates:
+        for path in self._candidates():
             try:
                 state = safe_load(path)
             except CheckpointError as error:
-                failed.append(path)
-                logger.warning("skipping checkpoint: %s", error)
+                target = self._last_target() if path == self.last_path else None
+                failed.append(f"{error} [{LAST} links to {target.name}]" if target else str(error))
                 continue
             if failed:
-                logger.warning("resuming from %s because newer checkpoint(s) could not be read: %s",
-                               path, ", ".join(str(p) for p in failed))
+                logger.warning("using the older checkpoint %s because the newer one(s) cannot be read: %s",
+                               path, "; ".join(failed))
             return state, path
         if failed:
-            raise CheckpointError(f"no readable checkpoint in {self.folder}; unreadable: "
-                                  f"{', '.join(str(p) for p in failed)}")
+            raise CheckpointError(f"no readable checkpoint in {self.folder}: {'; '.join(failed)}. Restore a "
+                                  f"checkpoint there, or move the folder away to start from scratch")
         return None
+
+    def _candidates(self) -> list[Path]:
+        """Return the checkpoint files to try, newest first.
+
+        last.pt is a hard link to the newest numbered file, unless a save was killed between
+        writing checkpoint-N and relinking last.pt. Numbered files newer than its target then
+        come first. A last.pt that links to no numbered file (a copy) comes first.
+        """
+        numbered = self.checkpoints()
+        if not self.last_path.exists():
+            return numbered
+        target = self._last_target()
+        if target is None:
+            return [self.last_path] + numbered
+        position = numbered.index(target)
+        return numbered[:position] + [self.last_path] + numbered[position + 1:]
+
+    def _last_target(self) -> Path | None:
+        """Return the numbered checkpoint that last.pt is a hard link to, if any."""
+        for path in self.checkpoints():
+            try:
+                if os.path.samefile(path, self.last_path):
+                    return path
+            except FileNotFoundError:  # pruned by a training run that is still writing
+                continue
+        return None
+
+
+def _save_error_hint(error: OSError, folder: Path) -> str:
+    """Return what to do about a failed checkpoint write, by its errno."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free_mb = shutil.disk_usage(folder).free / 2**20 if folder.is_dir() else float("nan")
+        return (f"The disk or quota is full ({free_mb:.0f} MiB free in {folder}); free space or move the "
+                f"run to a larger disk, then resume")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"Make {folder} writable for this user, then resume"
+    return "Fix the cause above, then resume"
 
 
 def export_encoder(encoder_state: dict[str, torch.Tensor], output_dir: str | Path) -> Path:

@@ -17,7 +17,7 @@ CONFIG_FILE = "config.json"
 # they change how the run is executed or reported, not what it computes.
 RUNTIME_OPTIONS = frozenset({
     "output_dir", "num_workers", "log_every", "save_every_steps", "save_every_minutes", "keep_last",
-    "recon_every", "device", "collapse_every", "collapse_data", "collapse_images",
+    "recon_every", "device", "collapse_every", "collapse_data", "collapse_images", "max_bad_fraction",
 })
 
 
@@ -51,6 +51,7 @@ class PretrainConfig:
     num_workers: int = 4                     # DataLoader workers per rank
     seed: int = 0
     data_repeat: int | None = None           # times each file appears per epoch; None: 32 for sample, else 1
+    max_bad_fraction: float = 0.01           # share of the image files that may fail to decode before the run stops
     bf16: bool = False                       # bfloat16 autocast
     channels_last: bool = True
     compile: bool = False                    # torch.compile the model (off: see benchmarks/README.md)
@@ -110,6 +111,9 @@ class PretrainConfig:
             raise ConfigError(f"invalid --lr {self.lr}: it must be positive, or left unset to use --blr")
         if self.data_repeat is not None and self.data_repeat < 1:
             raise ConfigError(f"invalid --data_repeat {self.data_repeat}: it must be at least 1")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"invalid --max_bad_fraction {self.max_bad_fraction}: it must lie in [0, 1], e.g. "
+                              f"0.01 to stop when more than 1% of the image files cannot be decoded")
         if self.encoder_impl not in ENCODER_IMPLS:
             raise ConfigError(f"invalid --encoder_impl {self.encoder_impl!r}; valid values: {', '.join(ENCODER_IMPLS)}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -27,6 +27,7 @@ PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.jsonl"
 COLLAPSE_FILE = "collapse.jsonl"
 RUN_INFO_FILE = "run_info.json"
+BAD_FILES_FILE = "bad_files.txt"
 RECON_IMAGES = 4
 
 
@@ -90,7 +91,8 @@ def drop_records_after(path: Path, samples_seen: int) -> None:
 class Monitor:
     """Rank-0 progress lines, TensorBoard scalars and images, and the progress file."""
 
-    def __init__(self, config, env, total_steps: int, samples_seen: int, effective_batch: int, resumed: bool):
+    def __init__(self, config, env, total_steps: int, samples_seen: int, effective_batch: int, resumed: bool,
+                 bad_files: int = 0):
         self.cfg = config
         self.env = env
         self.total_steps = total_steps
@@ -101,6 +103,7 @@ class Monitor:
         self._interval_steps = 0
         self._loss_sum = 0.0
         self._images_per_s = 0.0
+        self.bad_files = bad_files
         self.writer = None
         self._collapse_encoder = None
         self._collapse_images = None
@@ -133,8 +136,28 @@ class Monitor:
         self.writer.add_scalar("train/loss", mean_loss, pos.samples_seen)
         self.writer.add_scalar("train/lr", lr, pos.samples_seen)
         self.writer.add_scalar("train/images_per_s", self._images_per_s, pos.samples_seen)
+        self.writer.add_scalar("data/bad_files", self.bad_files, pos.samples_seen)
         self._write_progress(pos, mean_loss, lr)
         self._interval_start, self._interval_steps, self._loss_sum = time.monotonic(), 0, 0.0
+
+    def report_bad_files(self, new: list[tuple[str, str]], tracker, pos) -> None:
+        """Log each newly found undecodable file once and record the count (rank 0).
+
+        OUTPUT_DIR/bad_files.txt lists every such file of the run as 'path<TAB>reason' lines.
+        """
+        self.bad_files = len(tracker)
+        if not self.env.is_main or not new:
+            return
+        for path, reason in new:
+            logger.warning("cannot decode image file %s (%s); a replacement file was used. %d of %d files "
+                           "(%.2f%%) failed so far, --max_bad_fraction %s", path, reason, len(tracker),
+                           tracker.num_files, 100 * tracker.fraction, tracker.max_fraction)
+        self.writer.add_scalar("data/bad_files", self.bad_files, pos.samples_seen)
+        self.writer.flush()
+        listing = self.output_dir / BAD_FILES_FILE
+        tmp = listing.with_name(f".{listing.name}.tmp")
+        tmp.write_text("".join(f"{path}\t{reason}\n" for path, reason in tracker.reasons.items()))
+        os.replace(tmp, listing)
 
     def _write_progress(self, pos, loss: float, lr: float) -> None:
         record = {"time": utc_now(), "step": pos.step, "total_steps": self.total_steps, "epoch": pos.epoch + 1,
@@ -149,7 +172,7 @@ class Monitor:
         if not self.env.is_main:
             return
         if pos.epoch % self.cfg.recon_every == 0:
-            grid = reconstruction_grid(model, dataset.paths[:RECON_IMAGES], self.cfg.seed, self.env.device)
+            grid = reconstruction_grid(model, dataset.paths, self.cfg.seed, self.env.device)
             self.writer.add_image("reconstruction", grid, pos.samples_seen)
         every = self.cfg.collapse_every
         if every and (pos.epoch % every == 0 or pos.epoch == self.cfg.epochs):
@@ -170,8 +193,8 @@ class Monitor:
 
         start = time.monotonic()
         if self._collapse_encoder is None:
-            paths = resolve_data(self.cfg.collapse_data)[: self.cfg.collapse_images]
-            self._collapse_images = load_eval_images(paths, self.cfg.input_size)
+            paths = resolve_data(self.cfg.collapse_data)
+            self._collapse_images = load_eval_images(paths, self.cfg.input_size, limit=self.cfg.collapse_images)
             self._collapse_encoder = create_encoder(self.cfg.model, in_chans=self.cfg.in_chans).to(self.env.device)
         self._collapse_encoder.load_state_dict(model.encoder.timm_state_dict())
         layers = layer_distances(self._collapse_encoder, self._collapse_images.to(self.env.device), batch_size=8)
@@ -195,12 +218,15 @@ class Monitor:
 
 @torch.no_grad()
 def reconstruction_grid(model, paths, seed: int, device: torch.device) -> torch.Tensor:
-    """Return a (3, H, W) image: rows of masked input, reconstruction and original."""
+    """Return a (3, H, W) image: rows of masked input, reconstruction and original.
+
+    Uses the first RECON_IMAGES files of `paths` that decode.
+    """
     from torchvision.utils import make_grid
 
     was_training = model.training
     model.eval()
-    images = load_eval_images(list(paths), model.input_size).to(device)
+    images = load_eval_images(list(paths), model.input_size, limit=RECON_IMAGES).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
     mask = model.random_mask(images.shape[0], device, generator=generator)
     _, prediction, _ = model(images, mask)

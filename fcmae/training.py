@@ -24,12 +24,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import optim
-from .checkpoint import CheckpointManager, export_encoder
+from .checkpoint import CheckpointError, CheckpointManager, export_encoder
 from .config import PretrainConfig, save_config
-from .data import AugmentConfig, PretrainDataset, ResumableSampler, iters_per_epoch, worker_init
+from .data import (AugmentConfig, BadFileTracker, PretrainDataset, ResumableSampler, iters_per_epoch,
+                   parse_bad_files, worker_init)
 from .distributed import DistEnv, all_reduce_sum, barrier
 from .models import FCMAE
-from .monitor import Monitor, run_info
+from .monitor import BAD_FILES_FILE, Monitor, run_info
 from .runlock import RunLock
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ class Trainer:
         paths = cfg.check_data()
 
         augment = AugmentConfig(cfg.input_size, cfg.patch_size, cfg.mask_ratio, cfg.seed)
-        self.dataset = PretrainDataset(paths, augment, repeat=cfg.effective_repeat())
+        self.dataset = PretrainDataset(paths, augment, repeat=cfg.effective_repeat(), report_bad_files=True)
+        self.bad_files = BadFileTracker(len(paths), cfg.max_bad_fraction)
+        self._pending_bad_files: list[tuple[str, str]] = []
         self.iters_per_epoch = iters_per_epoch(len(self.dataset), cfg.batch_size, env.world_size, cfg.update_freq)
         if self.iters_per_epoch == 0:
             raise TrainingSetupError(
@@ -140,17 +143,31 @@ class Trainer:
             "total_steps": self.total_steps,
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
+            "bad_files": self.bad_files.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
         }
 
     def save_checkpoint(self, reason: str) -> None:
-        """Rank 0 writes a checkpoint of the current position; every rank waits for it."""
+        """Rank 0 writes a checkpoint of the current position; every rank waits for it.
+
+        A failed save (disk full, permission denied) raises on every rank, not only on
+        rank 0, so no rank is left waiting in a collective.
+        """
+        error = None
         if self.env.is_main:
-            path = self.checkpoints.save(self.state_dict(), self.position.step)
-            logger.info("saved checkpoint %s (%s) at step %d, epoch %d", path, reason, self.position.step,
-                        self.position.epoch)
+            try:
+                path = self.checkpoints.save(self.state_dict(), self.position.step)
+                logger.info("saved checkpoint %s (%s) at step %d, epoch %d", path, reason, self.position.step,
+                            self.position.epoch)
+            except CheckpointError as caught:
+                error = caught
+        failed = all_reduce_sum(torch.tensor([float(error is not None)], device=self.env.device), self.env)
         self._last_save_time = time.monotonic()
-        barrier(self.env)
+        if error is not None:
+            raise error
+        if failed.item() > 0:
+            raise CheckpointError(f"rank 0 failed to write the checkpoint of step {self.position.step}; "
+                                  f"see its log")
 
     def try_resume(self) -> bool:
         """Load the newest readable checkpoint of the output folder, if any."""
@@ -165,6 +182,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.position = Position(state["step"], state["epoch"], state["iter_in_epoch"], state["samples_seen"])
+        self.bad_files.load_state_dict(state.get("bad_files", {}))
         torch.set_rng_state(state["rng"]["torch"])
         logger.info("resumed from %s at step %d/%d (epoch %d, micro-batch %d)", path, self.position.step,
                     self.total_steps, self.position.epoch, self.position.iter_in_epoch)
@@ -194,7 +212,7 @@ class Trainer:
             save_config(self.cfg, self.output_dir)
             run_info(self.output_dir, self.env.world_size, resumed)
         self.monitor = Monitor(self.cfg, self.env, self.total_steps, self.position.samples_seen,
-                               self.effective_batch, resumed)
+                               self.effective_batch, resumed, bad_files=len(self.bad_files))
         if not resumed:
             self.monitor.begin(self.model, self.position)
         logger.info("training %s for %d epochs = %d steps (%d per epoch), effective batch %d, lr %.3g, "
@@ -221,7 +239,8 @@ class Trainer:
         self.sampler.set_position(pos.epoch, pos.iter_in_epoch)
         loss_sum = torch.zeros((), device=self.env.device)
 
-        for i, (images, mask, _) in enumerate(self.loader, start=pos.iter_in_epoch):
+        for i, (images, mask, _, bad_files) in enumerate(self.loader, start=pos.iter_in_epoch):
+            self._pending_bad_files.extend(parse_bad_files(bad_files))
             images = images.to(self.env.device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -263,12 +282,14 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
         non_finite = (~torch.isfinite(loss)).float() + (~torch.isfinite(grad_norm)).float()
-        local = torch.tensor([float(self.stop_requested()), float(self._periodic_save_due(pos.step + 1))],
-                             device=loss.device)
+        local = torch.tensor([float(self.stop_requested()), float(self._periodic_save_due(pos.step + 1)),
+                              float(len(self._pending_bad_files))], device=loss.device)
         flags = torch.cat([loss.reshape(1), non_finite.reshape(1), local])
         all_reduce_sum(flags, self.env)
         mean_loss, non_finite = flags[0].item() / self.env.world_size, flags[1].item()
         stop, save_due = flags[2].item() > 0, flags[3].item() > 0
+        if flags[4].item() > 0:
+            self._record_bad_files()
         if non_finite:
             self._raise_non_finite(mean_loss)
 
@@ -282,6 +303,20 @@ class Trainer:
         pos.samples_seen += self.effective_batch
         self.monitor.log_step(pos, mean_loss, lr)
         return stop, save_due
+
+    def _record_bad_files(self) -> None:
+        """Gather the files that failed to decode on any rank since the last step, report new ones, check the limit.
+
+        Every rank receives every report, so all ranks hold the same tracker and raise together.
+        """
+        pending, self._pending_bad_files = self._pending_bad_files, []
+        if self.env.distributed:
+            gathered = [None] * self.env.world_size
+            torch.distributed.all_gather_object(gathered, pending)
+            pending = [pair for part in gathered for pair in part]
+        new = self.bad_files.add(pending)
+        self.monitor.report_bad_files(new, self.bad_files, self.position)
+        self.bad_files.check(self.output_dir / BAD_FILES_FILE)
 
     def _raise_non_finite(self, loss: float) -> None:
         last = self.checkpoints.last_path

@@ -172,8 +172,9 @@ def test_two_rank_ddp_matches_one_rank_with_double_batch(photo_dir, tmp_path):
     actual = final_model_state(tmp_path / "ddp")
     assert safe_load(CheckpointManager(tmp_path / "ddp").last_path)["step"] == 4
     for key in expected:
-        # float32 sums in a different order: 8 AdamW steps at lr 1e-3 stay within 1e-5.
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+        # float32 sums in a different order, amplified by AdamW's normalization: after 4 steps
+        # at lr 1e-3 the measured gap is below 2e-5, so 5e-5 (5% of one step) bounds it.
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=5e-5, msg=key)
 
 
 def test_run_lock_blocks_a_second_holder(tmp_path):
