@@ -1,7 +1,13 @@
-"""Command line for the feature-collapse analysis: `python -m analysis cosine|activations|figures`.
+"""Command line for the feature-collapse analysis: `python -m analysis COMMAND`.
 
-Every command returns the paths it wrote, one per line, on stdout. Logs go to stderr.
-Invalid input ends the program with a one-line error and exit status 2.
+Commands for runs: cosine, activations, figures. Commands for sweep folders: aggregate,
+figures, tensorboard, report. For data sets: check_data. `python -m analysis` lists them;
+`COMMAND --help` shows options.
+
+Every command except check_data returns the paths it wrote, one per line, on stdout;
+check_data returns its report. Logs go to stderr.
+Invalid input ends the program with a one-line error and exit status 2. List options take
+several values separated by commas (`--epoch_layers 0,0.5,1`).
 """
 
 from __future__ import annotations
@@ -9,25 +15,31 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+from pathlib import Path
 
 import fire
 
 from analysis import AnalysisError
+from analysis.sweep_commands import DEFAULT_EPOCH_LAYERS
 
 logger = logging.getLogger("analysis")
 
 # The value of --images that selects the photos shipped in installed packages, as in fcmae.data.
 SAMPLE_DATA = "sample"
+# Photos per activation figure of a sweep: fewer rows than the single-run default keep it one page.
+SWEEP_ACTIVATION_IMAGES = 3
 # Input errors raised by library modules, as (module, class); the CLI reports them without a traceback.
 LIBRARY_INPUT_ERRORS = (("fcmae.collapse", "FeatureError"), ("fcmae.data", "DataError"),
                         ("fcmae.registry", "UnknownModelError"))
 
 
-def cosine(*paths, output_dir=None, input_size=None, images=SAMPLE_DATA, max_images=None, batch_size=16):
+def cosine(*paths, output_dir=None, input_size=None, images=SAMPLE_DATA, max_images=None, batch_size=16,
+           tensorboard=True):
     """Measure the feature cosine distance of every layer of each run.
 
     Args:
-        paths: run folders, encoder state dicts (timm keys) or training checkpoints; several
+        paths: run folders, encoder state dicts (timm keys), training checkpoints, or official
+            ConvNeXt / ConvNeXt-V2 checkpoints (fine-tuned or FCMAE encoder-only). Pass several
             arguments or one comma-separated string.
         output_dir: folder for cosine_distance.csv, cosine_distance.json and tensorboard/cosine.
             Defaults to the parent folder of the first path.
@@ -35,10 +47,13 @@ def cosine(*paths, output_dir=None, input_size=None, images=SAMPLE_DATA, max_ima
         images: 'sample' (photos shipped with installed packages) or an image folder.
         max_images: use only the first N images in sorted order. Defaults to all images.
         batch_size: images per forward pass.
+        tensorboard: write output_dir/tensorboard/cosine (--tensorboard=False to skip it, e.g. for a
+            sweep member, whose own run gets the distances from 'python -m analysis tensorboard').
     """
     from analysis.cosine import parse_paths, run_cosine
 
-    written = run_cosine(parse_paths(paths), output_dir, input_size, images, max_images, batch_size)
+    written = run_cosine(parse_paths(paths), output_dir, input_size, images, max_images, batch_size,
+                         tensorboard=bool(tensorboard))
     return "\n".join(str(path) for path in written)
 
 
@@ -47,7 +62,8 @@ def activations(*paths, layer=None, output_dir=None, num_channels=64, num_images
     """Draw the channel maps of one layer for each run, side by side.
 
     Args:
-        paths: run folders, encoder state dicts or checkpoints (several, or comma-separated).
+        paths: run folders, encoder state dicts, training checkpoints or official ConvNeXt /
+            ConvNeXt-V2 checkpoints (several, or comma-separated).
         layer: block index 0..K-1. Defaults to the layer where the V1 and V2 runs differ most
             in output_dir/cosine_distance.csv, else to its lowest-distance layer. Without
             that CSV, the distances are measured first.
@@ -67,20 +83,113 @@ def activations(*paths, layer=None, output_dir=None, num_channels=64, num_images
     return "\n".join(str(path) for path in written)
 
 
-def figures(dir_or_csv):
-    """Plot feature cosine distance against normalized layer index (V1 red, V2 blue).
+def figures(dir_or_csv, epoch_layers=DEFAULT_EPOCH_LAYERS, images=SAMPLE_DATA, num_channels=64,
+            num_images=SWEEP_ACTIVATION_IMAGES):
+    """Plot distance per layer for a cosine output folder, or the five sweep figures for a sweep folder.
 
     Args:
-        dir_or_csv: a folder with cosine_distance.csv, or the CSV itself. The PNG and PDF
-            are written next to the CSV.
+        dir_or_csv: a folder with cosine_distance.csv, or the CSV itself: the PNG and PDF are written
+            next to the CSV. Or a sweep folder (with manifest.json, or with member run folders):
+            PDF and PNG figures go to SWEEP_DIR/figures, the gathered tables to SWEEP_DIR.
+        epoch_layers: sweep only; normalized depths (0 = first block, 1 = last) of the blocks
+            drawn against training epoch, comma-separated.
+        images: sweep only; 'sample' or an image folder, for the activation maps.
+        num_channels: sweep only; channels drawn per model in the activation maps.
+        num_images: sweep only; photos in the activation maps.
     """
+    from analysis.sweep import is_sweep_folder
+
+    if is_sweep_folder(Path(str(dir_or_csv))):
+        from analysis.sweep_commands import run_figures
+
+        return _lines(run_figures(dir_or_csv, epoch_layers, images, num_channels, num_images))
+
     from analysis.figures import plot_cosine_distance
 
-    written = plot_cosine_distance(dir_or_csv)
-    return "\n".join(str(path) for path in written)
+    return _lines(plot_cosine_distance(dir_or_csv))
 
 
-COMMANDS = {"cosine": cosine, "activations": activations, "figures": figures}
+def aggregate(sweep_dir, images=SAMPLE_DATA, max_images=None, batch_size=16, input_size=None, force=False,
+              epoch_layers=DEFAULT_EPOCH_LAYERS, num_channels=64, num_images=SWEEP_ACTIVATION_IMAGES):
+    """Measure sweep members that lack distances, then write summary.csv, figures, TensorBoard and report.md.
+
+    Members whose training has not completed are skipped and listed in the log and the report.
+    This is the command for the final aggregation job of a sweep.
+
+    Args:
+        sweep_dir: the sweep folder (with manifest.json, or with member run folders).
+        images: 'sample' (photos shipped with installed packages) or an image folder.
+        max_images: measure on the first N images only. Defaults to all images.
+        batch_size: images per forward pass.
+        input_size: image side in pixels. Defaults to each member's config input_size.
+        force: measure every member again, even those with an up-to-date cosine_distance.csv.
+        epoch_layers: normalized depths (0 = first block, 1 = last) of the blocks drawn
+            against training epoch, comma-separated.
+        num_channels: channels drawn per model in the activation maps.
+        num_images: photos in the activation maps.
+    """
+    from analysis.sweep_commands import run_aggregate
+
+    return _lines(run_aggregate(sweep_dir, images, max_images, batch_size, input_size, force, epoch_layers,
+                                num_channels, num_images))
+
+
+def tensorboard(sweep_dir, epoch_layers=DEFAULT_EPOCH_LAYERS, images=SAMPLE_DATA, num_channels=64,
+                num_images=SWEEP_ACTIVATION_IMAGES):
+    """Write HParams and analysis images into each member's TensorBoard run, figures into tensorboard/summary.
+
+    Afterwards `tensorboard --logdir SWEEP_DIR` compares the members. Running it again
+    replaces the analysis events instead of adding points.
+
+    Args:
+        sweep_dir: the sweep folder.
+        epoch_layers: normalized depths of the blocks drawn against training epoch, comma-separated.
+        images: 'sample' or an image folder, for the activation maps.
+        num_channels: channels drawn per model in the activation maps.
+        num_images: photos in the activation maps.
+    """
+    from analysis.sweep_commands import run_tensorboard
+
+    return _lines(run_tensorboard(sweep_dir, epoch_layers, images, num_channels, num_images))
+
+
+def report(sweep_dir, epoch_layers=DEFAULT_EPOCH_LAYERS, images=SAMPLE_DATA, num_channels=64,
+           num_images=SWEEP_ACTIVATION_IMAGES):
+    """Write SWEEP_DIR/report.md: a table of every member's numbers and all sweep figures.
+
+    Uses the distances already measured; run `aggregate` first to measure missing members.
+
+    Args:
+        sweep_dir: the sweep folder.
+        epoch_layers: normalized depths of the blocks drawn against training epoch, comma-separated.
+        images: 'sample' or an image folder, for the activation maps.
+        num_channels: channels drawn per model in the activation maps.
+        num_images: photos in the activation maps.
+    """
+    from analysis.sweep_commands import run_report
+
+    return _lines(run_report(sweep_dir, epoch_layers, images, num_channels, num_images))
+
+
+def check_data(path, workers=None, allow_unreadable=False):
+    """Decode every image under a data folder as training does; list the files that cannot be decoded.
+
+    Args:
+        path: an image folder (flat or one subfolder per class), or 'sample'.
+        workers: decoding processes. Defaults to the CPUs available to this process.
+        allow_unreadable: exit with status 0 even when some files cannot be decoded (else 1).
+    """
+    from analysis.check_data import run_check_data
+
+    return run_check_data(path, workers, allow_unreadable)
+
+
+def _lines(paths) -> str:
+    return "\n".join(str(path) for path in paths)
+
+
+COMMANDS = {"cosine": cosine, "activations": activations, "figures": figures, "aggregate": aggregate,
+            "tensorboard": tensorboard, "report": report, "check_data": check_data}
 
 
 def check_options(argv: list[str]) -> None:
@@ -107,9 +216,11 @@ def check_options(argv: list[str]) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # matplotlib's PDF backend subsets fonts through fontTools, which logs every table at INFO.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
     try:
         check_options(sys.argv)
-        fire.Fire(COMMANDS)
+        fire.Fire(COMMANDS, name="analysis")
     except Exception as error:
         if not isinstance(error, input_error_types()):
             raise

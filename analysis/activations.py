@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,25 +144,43 @@ def file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", label)
 
 
-def run_activations(paths: list[Path], layer: int | None, output_dir: Path | None, num_channels: int,
-                    num_images: int, seed: int, input_size: int | None, images: str) -> list[Path]:
-    """Draw one layer's channel maps for every path; return the combined figure and the per-model figures."""
+@dataclass
+class ActivationSet:
+    """Everything one activation figure shows: the photos, one panel per model and the caption.
+
+    photos: (B, S, S, 3) RGB values in [0, 1].
+    """
+
+    labels: list[str]
+    photos: np.ndarray
+    panels: list[ActivationPanel]
+    caption: str
+    layer: int
+
+
+def prepare_activations(paths: list[Path], layer: int | None, num_channels: int, num_images: int, seed: int,
+                        input_size: int | None, images: str, output_dir: Path | None = None,
+                        rows: list[dict] | None = None, labels: list[str] | None = None) -> ActivationSet:
+    """Load every path and compute the channel maps of one layer for the same photos and channels.
+
+    Without `layer`, the layer is chosen from `rows` (cosine-distance rows keyed by label), or
+    else from output_dir/cosine_distance.csv, measuring the runs that it lacks.
+    """
     check_positive("num_channels", num_channels)
     check_positive("num_images", num_images)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise AnalysisError(f"--seed must be an integer; got {seed!r}")
-    output_dir = Path(str(output_dir)) if output_dir is not None else paths[0].resolve().parent
-    output_dir.mkdir(parents=True, exist_ok=True)
 
-    labels = run_labels(paths)
+    labels = labels if labels is not None else run_labels(paths)
     loaded_runs = [load_encoder(path) for path in paths]
     size = _common_input_size(input_size, loaded_runs)
 
-    if layer is None:
-        rows = distance_rows(output_dir, labels, loaded_runs, images, size)
-        layer, reason = choose_layer(rows)
-    else:
+    if layer is not None:
         reason = "set with --layer"
+    else:
+        if rows is None:
+            rows = distance_rows(output_dir, labels, loaded_runs, images, size)
+        layer, reason = choose_layer([row for row in rows if row["run"] in labels])
     layer = parse_layer(layer, loaded_runs)
     position = find_feature_layers(loaded_runs[0].encoder)[layer]
     logger.info("drawing layer %d (stage %d, block %d): %s", layer, position.stage, position.block, reason)
@@ -170,14 +189,28 @@ def run_activations(paths: list[Path], layer: int | None, output_dir: Path | Non
     batch = load_eval_images(image_paths, size)  # (B, 3, S, S)
     panels = [model_panel(label, loaded, batch, layer, num_channels, seed)
               for label, loaded in zip(labels, loaded_runs)]
-
     caption = (f"Layer {layer}: stage {position.stage}, block {position.block}, {reason}. MLP feature maps of "
                f"{num_channels} channels sampled with seed {seed}, at {size} px input.")
-    photos = denormalize(batch)
-    written = [draw_activation_figure(photos, panels, caption, output_dir / FIGURE_NAME)]
-    for label, panel in zip(labels, panels):
-        output = output_dir / f"activations_{file_label(label)}.png"
-        written.append(draw_activation_figure(photos, [panel], caption, output))
+    return ActivationSet(labels=labels, photos=denormalize(batch), panels=panels, caption=caption, layer=layer)
+
+
+def run_activations(paths: list[Path], layer: int | None, output_dir: Path | None, num_channels: int,
+                    num_images: int, seed: int, input_size: int | None, images: str,
+                    per_model: bool = True) -> list[Path]:
+    """Draw one layer's channel maps for every path; return the combined figure and the per-model figures.
+
+    With `per_model` False, only the combined figure (output_dir/activations.png) is written.
+    """
+    output_dir = Path(str(output_dir)) if output_dir is not None else paths[0].resolve().parent
+    drawn = prepare_activations(paths, layer, num_channels, num_images, seed, input_size, images,
+                                output_dir=output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    written = [draw_activation_figure(drawn.photos, drawn.panels, drawn.caption, output_dir / FIGURE_NAME)]
+    if per_model:
+        for label, panel in zip(drawn.labels, drawn.panels):
+            output = output_dir / f"activations_{file_label(label)}.png"
+            written.append(draw_activation_figure(drawn.photos, [panel], drawn.caption, output))
     return written
 
 

@@ -263,8 +263,11 @@ def format_table(runs: list[RunDistances]) -> str:
 
 
 def run_cosine(paths: list[Path], output_dir: Path | None, input_size: int | None, images: str,
-               max_images: int | None, batch_size: int) -> list[Path]:
-    """Measure every path and write the CSV, JSON and TensorBoard outputs; return the written paths."""
+               max_images: int | None, batch_size: int, tensorboard: bool = True) -> list[Path]:
+    """Measure every path and write the CSV, JSON and (unless `tensorboard` is False) TensorBoard outputs.
+
+    Returns the written paths.
+    """
     check_positive("batch_size", batch_size)
     if input_size is not None:
         check_input_size(input_size)
@@ -275,8 +278,9 @@ def run_cosine(paths: list[Path], output_dir: Path | None, input_size: int | Non
     runs = measure_paths(paths, image_paths, input_size, batch_size)
 
     written = [write_csv(runs, output_dir / CSV_NAME),
-               write_json(runs, str(images), image_paths, output_dir / JSON_NAME),
-               write_tensorboard(runs, output_dir)]
+               write_json(runs, str(images), image_paths, output_dir / JSON_NAME)]
+    if tensorboard:
+        written.append(write_tensorboard(runs, output_dir))
     logger.info("feature cosine distance per layer:\n%s", format_table(runs))
     return written
 

@@ -166,9 +166,19 @@ def draw_activation_figure(photos: np.ndarray, panels: list[ActivationPanel], ca
 
     photos: (B, S, S, 3) RGB values in [0, 1].
     """
+    figure = build_activation_figure(photos, panels, caption)
+    figure.savefig(output, dpi=150)
+    plt.close(figure)
+    logger.info("wrote %s", output)
+    return output
+
+
+def build_activation_figure(photos: np.ndarray, panels: list[ActivationPanel], caption: str,
+                            caption_fontsize: float = 9, tile_inches: float = 2.3):
+    """Return the figure of draw_activation_figure without saving it; the caller closes it."""
     num_rows, num_columns = len(photos), 1 + len(panels)
-    width = 2.3 * num_columns + 0.9
-    figure, axes = plt.subplots(num_rows, num_columns, figsize=(width, 2.3 * num_rows + 1.2),
+    width = tile_inches * num_columns + 0.9
+    figure, axes = plt.subplots(num_rows, num_columns, figsize=(width, tile_inches * num_rows + 1.2),
                                 squeeze=False, layout="constrained")
 
     for row in range(num_rows):
@@ -185,12 +195,8 @@ def draw_activation_figure(photos: np.ndarray, panels: list[ActivationPanel], ca
                     label="constant map (dead channel)"),
               Patch(facecolor=PADDING_COLOR, edgecolor="0.6", label="padding between tiles")]
     figure.legend(handles=legend, loc="outside lower center", ncol=2, frameon=False, fontsize=8)
-    figure.suptitle(textwrap.fill(caption, width=int(14 * width)), fontsize=9)
-
-    figure.savefig(output, dpi=150)
-    plt.close(figure)
-    logger.info("wrote %s", output)
-    return output
+    figure.suptitle(textwrap.fill(caption, width=int(14 * width * 9 / caption_fontsize)), fontsize=caption_fontsize)
+    return figure
 
 
 def _show(axes, image: np.ndarray, title: str | None) -> None:

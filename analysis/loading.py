@@ -4,7 +4,9 @@ Accepted paths:
 - a run folder: RUN/encoder.pth when it exists, else RUN/checkpoints/last.pt;
 - an encoder state dict in timm key format (`stem.0.weight`, `stages.0.blocks.0...`);
 - a training checkpoint: a dict with "model" (the FCMAE state dict, encoder keys prefixed
-  "encoder.") and "config".
+  "encoder.") and "config";
+- an official ConvNeXt or ConvNeXt-V2 checkpoint (fine-tuned, or FCMAE encoder-only), a
+  state dict or a dict with "model", converted to timm's keys by analysis.formats.
 
 The model name comes from the checkpoint's "config", else from config.json in the run
 folder, else it is inferred from the state dict's shapes. Every file is read with
@@ -26,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from analysis import AnalysisError
+from analysis.formats import TIMM_LAYOUT, UnknownLayoutError, detect_layout, official_to_timm
 from fcmae.registry import MODEL_NAMES, check_model_name, create_encoder, model_version
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,10 @@ CONFIG_FILE = "config.json"
 ENCODER_PREFIX = "encoder."
 # Classifier keys of a timm model built with a head; the encoder (num_classes=0) has none.
 CLASSIFIER_PREFIX = "head.fc."
+# The LayerNorm that timm applies after global pooling. FCMAE encoder-only checkpoints lack it.
+HEAD_NORM_KEYS = ("head.norm.weight", "head.norm.bias")
+# Top-level checkpoint entries that may contain the state dict, in the order they are tried.
+WRAPPER_KEYS = ("model", "state_dict")
 
 _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
 
@@ -122,23 +129,51 @@ def read_encoder_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict |
     if not isinstance(content, dict):
         raise LoadError(f"{path} contains a {type(content).__name__}; expected a state dict or a checkpoint dict")
 
-    if _is_state_dict(content) and not _has_encoder_prefix(content):
-        return _without_classifier(content, path), None
+    state_dict, config = unwrap_checkpoint(content, path)
+    return to_timm_layout(state_dict, path), config
 
+
+def unwrap_checkpoint(content: dict, path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Return (state dict, config or None): the dict itself, or its "model" (or "state_dict") entry."""
     if _is_state_dict(content):
-        return _strip_encoder_prefix(content, path), None
+        return content, None
 
-    model = content.get("model")
-    if isinstance(model, dict) and _is_state_dict(model):
-        config = content.get("config")
-        if config is not None and not isinstance(config, dict):
-            raise LoadError(f"{path}: checkpoint 'config' is a {type(config).__name__}; expected a plain dict")
-        if _has_encoder_prefix(model):
-            return _strip_encoder_prefix(model, path), config
-        return _without_classifier(model, path), config
+    for entry in WRAPPER_KEYS:
+        model = content.get(entry)
+        if isinstance(model, dict) and _is_state_dict(model):
+            config = content.get("config")
+            if config is not None and not isinstance(config, dict):
+                raise LoadError(f"{path}: checkpoint 'config' is a {type(config).__name__}; expected a plain dict")
+            return model, config
 
     raise LoadError(f"{path} is neither an encoder state dict nor a checkpoint with a 'model' state dict; "
                     f"its top-level keys are {_preview_keys(content)}")
+
+
+def to_timm_layout(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Keep the encoder part of a state dict and convert it to timm's key names.
+
+    Accepts timm keys and the official ConvNeXt / ConvNeXt-V2 layouts (see analysis.formats),
+    each optionally prefixed "encoder." as in FCMAE checkpoints, whose other keys (decoder,
+    mask token) are dropped. The classifier is dropped in every layout.
+    """
+    if _has_encoder_prefix(state_dict):
+        state_dict = _strip_encoder_prefix(state_dict, path)
+
+    try:
+        layout = detect_layout(state_dict)
+        if layout == TIMM_LAYOUT:
+            return _without_classifier(state_dict, path)
+        conversion = official_to_timm(state_dict)
+    except UnknownLayoutError as error:
+        raise LoadError(f"{path}: {error}") from error
+
+    logger.info("converted %d keys of %s from the %s layout to timm's", len(conversion.state_dict), path, layout)
+    if conversion.dropped_classifier:
+        logger.info("ignoring the classifier weights %s in %s", ", ".join(conversion.dropped_classifier), path)
+    if conversion.dropped_decoder:
+        logger.info("ignoring %d FCMAE decoder keys in %s", len(conversion.dropped_decoder), path)
+    return conversion.state_dict
 
 
 def read_run_config(weights_file: Path) -> dict | None:
@@ -224,6 +259,7 @@ def build_and_load(model_name: str, state_dict: dict[str, torch.Tensor], source:
     with torch.device("meta"):
         encoder = create_encoder(model_name)
     state_dict = {key: value.float() if value.is_floating_point() else value for key, value in state_dict.items()}
+    state_dict = _with_identity_head_norm(encoder, state_dict, source)
     load_strict(encoder, state_dict, model_name, source)
 
     left_on_meta = [name for name, tensor in [*encoder.named_parameters(), *encoder.named_buffers()] if tensor.is_meta]
@@ -249,6 +285,22 @@ def load_strict(encoder: nn.Module, state_dict: dict[str, torch.Tensor], model_n
                         f"{_preview(wrong_shapes)}; check the model name in the run's config")
 
     encoder.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def _with_identity_head_norm(encoder: nn.Module, state_dict: dict[str, torch.Tensor],
+                             source: Path) -> dict[str, torch.Tensor]:
+    # FCMAE encoder-only checkpoints have no norm after pooling. No block feature passes through
+    # it, so an identity LayerNorm (weight 1, bias 0) is loaded in its place and the load stays strict.
+    if any(key in state_dict for key in HEAD_NORM_KEYS):
+        return state_dict
+    expected = encoder.state_dict()
+    if not all(key in expected for key in HEAD_NORM_KEYS):
+        return state_dict
+
+    width = expected[HEAD_NORM_KEYS[0]].shape
+    logger.info("%s has no final norm (an encoder-only checkpoint); head.norm is set to the identity, which "
+                "the per-block features do not pass through", source)
+    return {**state_dict, HEAD_NORM_KEYS[0]: torch.ones(width), HEAD_NORM_KEYS[1]: torch.zeros(width)}
 
 
 def _match_singleton_shapes(encoder: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -284,7 +336,7 @@ def _strip_encoder_prefix(state_dict: dict[str, torch.Tensor], path: Path) -> di
     encoder_state = {key[len(ENCODER_PREFIX):]: value for key, value in state_dict.items()
                      if key.startswith(ENCODER_PREFIX)}
     logger.debug("kept %d encoder keys of %d in %s", len(encoder_state), len(state_dict), path)
-    return _without_classifier(encoder_state, path)
+    return encoder_state
 
 
 def _without_classifier(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 The sweep folder holds manifest.json (members, resolved configs, config hashes, job ids,
 submission times) and one run folder per member. Members with equal resources go into
 one job array; each member's analysis runs as a dependent job (afterok), and one
-aggregation job (afterany on every member) builds the sweep's figures and report.
+aggregation job (afterany on every member) runs `python -m analysis aggregate`, which
+builds the sweep's figures, TensorBoard summary and report.
 """
 
 from __future__ import annotations
@@ -192,12 +193,13 @@ def submit_analysis(members: list[Member], sweep_dir: Path, manifest: dict) -> N
         entry = manifest["members"][member.name]
         run_dir = member.config.output_dir
         job = submit_with_dependency(small, sweep_dir, f"analysis-{member.name}", f"afterok:{entry['job_id']}",
-                                     AnalysisJob(["cosine", run_dir, "--output_dir", str(Path(run_dir) / "analysis")]))
+                                     AnalysisJob(["cosine", run_dir, "--output_dir", str(Path(run_dir) / "analysis"),
+                                                  "--tensorboard=False"]))
         entry["analysis_job_id"] = job.job_id
 
     active = [e["job_id"] for e in manifest["members"].values() if e.get("job_id")]
     job = submit_with_dependency(small, sweep_dir, f"aggregate-{manifest['name']}", "afterany:" + ":".join(active),
-                                 AnalysisJob(["report", str(sweep_dir)]))
+                                 AnalysisJob(["aggregate", str(sweep_dir)]))
     manifest["aggregate_job_id"] = job.job_id
 
 

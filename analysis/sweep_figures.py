@@ -1,0 +1,463 @@
+"""Publication figures of a sweep, drawn from the gathered tables of analysis.sweep.
+
+The line figures use the Okabe-Ito palette, which stays distinct under the common forms of
+colour blindness: ConvNeXt V1 in warm colours with dashed lines and square-like markers, V2
+in cool colours with solid lines and round-like markers, so the versions differ in colour,
+line style and marker. Fonts are 7-8 pt sans-serif, sized for a two-column paper page, and PDFs embed
+TrueType fonts (pdf.fonttype 42). A figure whose data is absent is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+from matplotlib.lines import Line2D  # noqa: E402
+
+from analysis.sweep import Sweep, SweepTables  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# The Okabe-Ito colours: warm ones for V1, cool ones for V2 (yellow is left out: too light on white).
+VERSION_COLORS = {"v1": ("#D55E00", "#E69F00", "#CC79A7"), "v2": ("#0072B2", "#009E73", "#56B4E9", "#000000")}
+VERSION_LINESTYLES = {"v1": (0, (4.0, 2.0)), "v2": "solid"}
+VERSION_NAMES = {"v1": "ConvNeXt V1", "v2": "ConvNeXt V2"}
+# Markers differ between the versions too, so lines stay apart in greyscale print.
+VERSION_MARKERS = {"v1": ("s", "D", "v", "X"), "v2": ("o", "^", "P", "*")}
+# Parameters that may vary between members besides version, size and mask ratio.
+VARIANT_COLUMNS = (("epochs", "ep"), ("input_size", "px"), ("effective_batch", "batch"))
+# Mask ratio of ConvNeXt V2's FCMAE recipe (Woo et al., CVPR 2023). The activation figure prefers it.
+DEFAULT_MASK_RATIO = 0.6
+
+FULL_WIDTH = 6.75   # inches: the text width of a two-column paper page
+COLUMN_WIDTH = 3.3  # inches: one column
+PAPER_STYLE = {
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "figure.titlesize": 9,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "lines.linewidth": 1.3,
+    "lines.markersize": 3.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "0.88",
+    "grid.linewidth": 0.5,
+    "legend.frameon": False,
+    "pdf.fonttype": 42,
+    "ps.fonttype": 42,
+    "savefig.dpi": 300,
+}
+DISTANCE_LABEL = "feature cosine distance"
+
+
+@dataclass
+class SweepFigure:
+    """One sweep figure: the drawn matplotlib figure, or the reason it was skipped."""
+
+    name: str
+    title: str
+    caption: str = ""
+    figure: object | None = None
+    skip_reason: str | None = None
+    paths: list[Path] = field(default_factory=list)
+
+
+@contextmanager
+def paper_style():
+    """Apply PAPER_STYLE while figures are built and saved."""
+    with matplotlib.rc_context(PAPER_STYLE):
+        yield
+
+
+# Styles shared by every figure.
+
+def line_style(version: str, index: int) -> dict:
+    """Colour, line style and marker of the index-th line of one version."""
+    colors, markers = VERSION_COLORS[version], VERSION_MARKERS[version]
+    return {"color": colors[index % len(colors)], "linestyle": VERSION_LINESTYLES[version],
+            "marker": markers[index % len(markers)]}
+
+
+def ratio_order(rows: list[dict]) -> list[float]:
+    """Mask ratios ordered by closeness to DEFAULT_MASK_RATIO, so the recipe's setting gets the first colours."""
+    return sorted({row["mask_ratio"] for row in rows}, key=lambda ratio: (abs(ratio - DEFAULT_MASK_RATIO), ratio))
+
+
+def version_order(version: str) -> int:
+    return 0 if version == "v1" else 1
+
+
+def varying_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """Return the VARIANT_COLUMNS whose values differ between the rows."""
+    return [(column, unit) for column, unit in VARIANT_COLUMNS if len({row.get(column) for row in rows}) > 1]
+
+
+def variant_label(row: dict, columns: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{row.get(column)} {unit}" for column, unit in columns)
+
+
+def size_order(rows: list[dict]) -> list[str]:
+    """Model sizes sorted by their smallest encoder parameter count."""
+    params: dict[str, int] = {}
+    for row in rows:
+        params[row["size"]] = min(params.get(row["size"], row["encoder_params"]), row["encoder_params"])
+    return sorted(params, key=params.get)
+
+
+def _millions(count: float) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def _distance_limits(values: list[float]) -> tuple[float, float]:
+    # The distance of non-negative features is at most 0.5. Negative GELU or GRN outputs can push it higher.
+    return 0.0, max(0.55, 1.05 * max(values, default=0.0))
+
+
+# 1. Distance per layer.
+
+def distance_per_layer(layers: list[dict]) -> SweepFigure:
+    """Small multiples (rows: mask ratio, columns: size) of distance vs normalized layer index."""
+    result = SweepFigure("distance_per_layer", "Feature cosine distance per layer")
+    if not layers:
+        result.skip_reason = "no member has per-layer distances (run 'python -m analysis aggregate')"
+        return result
+
+    by_member = _group(layers, "member")
+    members = list(by_member.values())
+    sizes = size_order(layers)
+    ratios = sorted({rows[0]["mask_ratio"] for rows in members})
+    variants = varying_columns([rows[0] for rows in members])
+
+    columns, rows_count = len(sizes), len(ratios)
+    width = FULL_WIDTH if columns > 1 else COLUMN_WIDTH
+    figure, axes = plt.subplots(rows_count, columns, figsize=(width, 0.6 + 1.75 * rows_count), sharex=True,
+                                sharey=True, squeeze=False, layout="constrained")
+    legend_entries: dict[str, dict] = {}
+    for row_index, ratio in enumerate(ratios):
+        for column_index, size in enumerate(sizes):
+            cell = [rows for rows in members if rows[0]["size"] == size and rows[0]["mask_ratio"] == ratio]
+            _draw_layer_panel(axes[row_index, column_index], cell, variants, legend_entries)
+    _label_grid(axes, [_size_title(size, layers) for size in sizes], [f"mask {ratio:.2f}" for ratio in ratios])
+
+    low, high = _distance_limits([row["distance"] for row in layers])
+    axes[0, 0].set_ylim(low, high)
+    axes[0, 0].set_xlim(-0.03, 1.03)
+    figure.supxlabel("normalized layer index k / (K - 1)  (block k of K)", fontsize=8)
+    figure.supylabel(DISTANCE_LABEL, fontsize=8)
+    _figure_legend(figure, legend_entries, columns)
+
+    result.figure = figure
+    result.caption = ("Feature cosine distance of every block's MLP features against its normalized depth, "
+                      "one panel per model size (columns) and mask ratio (rows). Low values mean the "
+                      "channels point the same way (feature collapse).")
+    return result
+
+
+def _draw_layer_panel(axes, cell: list[list[dict]], variants, legend_entries: dict) -> None:
+    if not cell:
+        axes.text(0.5, 0.5, "no run", transform=axes.transAxes, ha="center", va="center", color="0.5")
+        return
+    counts: dict[str, int] = defaultdict(int)
+    # V2 first, so the dashed V1 line stays visible where the two overlap.
+    for rows in sorted(cell, key=lambda rows: (-version_order(rows[0]["version"]), rows[0]["member"])):
+        first = rows[0]
+        style = line_style(first["version"], counts[first["version"]])
+        counts[first["version"]] += 1
+        rows = sorted(rows, key=lambda row: row["layer"])
+        axes.plot([row["normalized_layer"] for row in rows], [row["distance"] for row in rows], **style)
+        label = VERSION_NAMES[first["version"]]
+        if variants:
+            label += f" ({variant_label(first, variants)})"
+        legend_entries.setdefault(label, style)
+
+
+def _size_title(size: str, rows: list[dict]) -> str:
+    params = min(row["encoder_params"] for row in rows if row["size"] == size)
+    return f"{size}, {_millions(params)} params"
+
+
+def _label_grid(axes, column_titles: list[str], row_labels: list[str]) -> None:
+    """Title the top row of a panel grid by column and label each row at its right edge."""
+    for axis, title in zip(axes[0], column_titles):
+        axis.set_title(title)
+    for axis, label in zip(axes[:, -1], row_labels):
+        axis.yaxis.set_label_position("right")
+        axis.set_ylabel(label, rotation=270, labelpad=10)
+
+
+def _figure_legend(figure, entries: dict[str, dict], columns: int) -> None:
+    handles = [Line2D([], [], label=label, **style) for label, style in sorted(entries.items())]
+    figure.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), max(2, columns)))
+
+
+# 3. Capacity and 5. mask ratio: summary numbers against one member parameter.
+
+# (summary column, panel title, short row label)
+SUMMARY_PANELS = (("final_layer_distance", "final-layer distance", "final layer"),
+                  ("mean_distance", "mean distance over layers", "mean of layers"))
+
+
+def capacity(summary: list[dict]) -> SweepFigure:
+    """Final-layer and mean distance against encoder parameters (log x), one line per mask ratio and version."""
+    result = SweepFigure("capacity", "Distance against model capacity")
+    rows = [row for row in summary if row.get("mean_distance") is not None]
+    sizes = {row["size"] for row in rows}
+    if len(sizes) < 2:
+        result.skip_reason = (f"needs at least two model sizes with distances; found {len(sizes)}"
+                              f"{' (' + ', '.join(sorted(sizes)) + ')' if sizes else ''}")
+        return result
+
+    ratios = ratio_order(rows)
+    variants = varying_columns(rows)
+    figure, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6), sharey=True, layout="constrained")
+    lines = _group(rows, lambda row: (row["version"], row["mask_ratio"], variant_label(row, variants)))
+    for (version, ratio, variant), line_rows in sorted(lines.items(), key=lambda item: (
+            version_order(item[0][0]), item[0][1], item[0][2])):
+        index = ratios.index(ratio) + len(ratios) * _variant_index(rows, variants, line_rows[0])
+        style = line_style(version, index)
+        label = f"{VERSION_NAMES[version]}, mask {ratio:.2f}" + (f", {variant}" if variant else "")
+        line_rows = sorted(line_rows, key=lambda row: row["encoder_params"])
+        for axis, (column, _, _) in zip(axes, SUMMARY_PANELS):
+            axis.plot([row["encoder_params"] / 1e6 for row in line_rows], [row[column] for row in line_rows],
+                      label=label if axis is axes[0] else None, **style)
+
+    ticks = _size_ticks(rows)
+    for axis, (column, title, _) in zip(axes, SUMMARY_PANELS):
+        axis.set_xscale("log")
+        axis.set_xticks([position for position, _ in ticks], [label for _, label in ticks])
+        axis.minorticks_off()
+        axis.set_xlabel("encoder parameters (millions, log scale)")
+        axis.set_title(title)
+    axes[0].set_ylabel(DISTANCE_LABEL)
+    axes[0].set_ylim(*_distance_limits([row[column] for row in rows for column, _, _ in SUMMARY_PANELS]))
+    _legend_below(figure, axes[0], columns=len({row['version'] for row in rows}))
+
+    result.figure = figure
+    result.caption = ("Final-layer and mean feature cosine distance against the number of encoder parameters "
+                      "(no classifier), one line per version and mask ratio.")
+    return result
+
+
+def _size_ticks(rows: list[dict]) -> list[tuple[float, str]]:
+    by_size = _group(rows, "size")
+    ticks = []
+    for size, size_rows in by_size.items():
+        params = sum(row["encoder_params"] for row in size_rows) / len(size_rows)
+        ticks.append((params / 1e6, f"{params / 1e6:.1f}\n{size}"))
+    return sorted(ticks)
+
+
+def _variant_index(rows: list[dict], variants, row: dict) -> int:
+    labels = sorted({variant_label(other, variants) for other in rows})
+    return labels.index(variant_label(row, variants))
+
+
+def mask_ratio(summary: list[dict]) -> SweepFigure:
+    """Final-layer and mean distance (rows) against the mask ratio, one panel column per size, V1 and V2 lines."""
+    result = SweepFigure("mask_ratio", "Distance against mask ratio")
+    rows = [row for row in summary if row.get("mean_distance") is not None]
+    ratios = {row["mask_ratio"] for row in rows}
+    if len(ratios) < 2:
+        result.skip_reason = (f"needs at least two mask ratios with distances; found {len(ratios)}"
+                              f"{' (' + ', '.join(f'{ratio:.2f}' for ratio in sorted(ratios)) + ')' if ratios else ''}")
+        return result
+
+    sizes = size_order(rows)
+    variants = varying_columns(rows)
+    width = FULL_WIDTH if len(sizes) > 1 else COLUMN_WIDTH
+    figure, axes = plt.subplots(len(SUMMARY_PANELS), len(sizes), figsize=(width, 3.6), sharex=True, sharey=True,
+                                squeeze=False, layout="constrained")
+    legend_entries: dict[str, dict] = {}
+    for column_index, size in enumerate(sizes):
+        lines = _group([row for row in rows if row["size"] == size],
+                       lambda row: (row["version"], variant_label(row, variants)))
+        counts: dict[str, int] = defaultdict(int)
+        for (version, variant), line_rows in sorted(lines.items(), key=lambda item: (-version_order(item[0][0]),
+                                                                                     item[0][1])):
+            style = line_style(version, counts[version])
+            counts[version] += 1
+            legend_entries.setdefault(VERSION_NAMES[version] + (f" ({variant})" if variant else ""), style)
+            line_rows = sorted(line_rows, key=lambda row: row["mask_ratio"])
+            for row_index, (column, _, _) in enumerate(SUMMARY_PANELS):
+                axes[row_index, column_index].plot([row["mask_ratio"] for row in line_rows],
+                                                   [row[column] for row in line_rows], **style)
+
+    _label_grid(axes, [_size_title(size, rows) for size in sizes], [label for _, _, label in SUMMARY_PANELS])
+    axes[0, 0].set_xticks(sorted(ratios))
+    axes[0, 0].set_ylim(*_distance_limits([row[column] for row in rows for column, _, _ in SUMMARY_PANELS]))
+    figure.supxlabel("mask ratio (fraction of patches removed)", fontsize=8)
+    figure.supylabel(DISTANCE_LABEL, fontsize=8)
+    _figure_legend(figure, legend_entries, len(sizes))
+
+    result.figure = figure
+    result.caption = ("Final-layer (top) and mean (bottom) feature cosine distance against the FCMAE mask "
+                      "ratio, one column per model size.")
+    return result
+
+
+# 4. Distance during training.
+
+def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigure:
+    """Distance against training epoch at chosen normalized depths, one line per member."""
+    result = SweepFigure("distance_vs_epoch", "Feature cosine distance during training")
+    by_member = {name: rows for name, rows in _group(history, "member").items()
+                 if len({row["step"] for row in rows}) >= 2}
+    if not by_member:
+        result.skip_reason = ("no member has at least two in-training measurements in collapse.jsonl "
+                              "(enable --collapse_every in pretraining)")
+        return result
+
+    figure, axes = plt.subplots(1, len(positions), figsize=(FULL_WIDTH, 2.4), sharey=True, squeeze=False,
+                                layout="constrained")
+    counts: dict[str, int] = defaultdict(int)
+    all_distances = []
+    for name, rows in sorted(by_member.items(), key=lambda item: (version_order(item[1][0]["version"]), item[0])):
+        version = rows[0]["version"]
+        style = line_style(version, counts[version])
+        counts[version] += 1
+        num_layers = max(row["layer"] for row in rows) + 1
+        for axis, position in zip(axes[0], positions):
+            layer = round(position * (num_layers - 1))
+            points = sorted((row["epoch"], row["distance"]) for row in rows if row["layer"] == layer)
+            all_distances += [distance for _, distance in points]
+            axis.plot([epoch for epoch, _ in points], [distance for _, distance in points],
+                      label=f"{name} ({VERSION_NAMES[version]})" if axis is axes[0, 0] else None, **style)
+
+    for axis, position in zip(axes[0], positions):
+        axis.set_title(_depth_title(position))
+        axis.set_xlabel("training epoch")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    axes[0, 0].set_ylabel(DISTANCE_LABEL)
+    axes[0, 0].set_ylim(*_distance_limits(all_distances))
+    _legend_below(figure, axes[0, 0], columns=2)
+
+    result.figure = figure
+    result.caption = ("Feature cosine distance measured during pretraining (collapse.jsonl) for the block "
+                      "nearest to each normalized depth, one line per member; epoch 0 is the initialization.")
+    return result
+
+
+def _depth_title(position: float) -> str:
+    names = {0.0: " (first block)", 1.0: " (last block)"}
+    return f"normalized depth {position:.2f}{names.get(position, '')}"
+
+
+def _legend_below(figure, axes, columns: int) -> None:
+    # Legends fill column by column: with one column per version, each column lists one version.
+    handles, labels = axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=max(1, min(columns, len(handles))))
+
+
+# 2. Activation grids.
+
+def activation_pairs(sweep: Sweep, summary: list[dict]) -> list[tuple[str, dict, dict]]:
+    """Pick (size, V1 row, V2 row) per size analysed in both versions, at the common mask ratio nearest 0.6."""
+    analysed = [row for row in summary if row.get("mean_distance") is not None]
+    pairs = []
+    for size in size_order(analysed):
+        by_version = {version: [row for row in analysed if row["size"] == size and row["version"] == version]
+                      for version in ("v1", "v2")}
+        common = {row["mask_ratio"] for row in by_version["v1"]} & {row["mask_ratio"] for row in by_version["v2"]}
+        if not common:
+            continue
+        ratio = min(common, key=lambda value: (abs(value - DEFAULT_MASK_RATIO), value))
+        first = [next(row for row in by_version[version] if row["mask_ratio"] == ratio) for version in ("v1", "v2")]
+        pairs.append((size, first[0], first[1]))
+    return pairs
+
+
+def activation_figures(sweep: Sweep, tables: SweepTables, images: str, num_channels: int,
+                       num_images: int) -> list[SweepFigure]:
+    """Draw V1 and V2 channel maps side by side, same layer and channels, one figure per size."""
+    from analysis.activations import prepare_activations
+    from analysis.figures import build_activation_figure
+
+    pairs = activation_pairs(sweep, tables.summary)
+    if not pairs:
+        return [SweepFigure("activations", "Channel activation maps, V1 and V2",
+                            skip_reason="no model size has analysed members of both versions at a common mask "
+                                        "ratio")]
+
+    figures = []
+    for size, v1_row, v2_row in pairs:
+        names = [v1_row["member"], v2_row["member"]]
+        rows = [{**row, "run": row["member"]} for row in tables.layers if row["member"] in names]
+        drawn = prepare_activations([sweep.folder / name for name in names], None, num_channels, num_images, 0,
+                                    None, images, rows=rows, labels=names)
+        figure = build_activation_figure(drawn.photos, drawn.panels, drawn.caption, caption_fontsize=8,
+                                         tile_inches=1.8)
+        figures.append(SweepFigure(
+            f"activations_{size}", f"Channel activation maps, {size}, mask {v1_row['mask_ratio']:.2f}",
+            caption=(f"{drawn.caption} Left: input photos; then {names[0]} (V1) and {names[1]} (V2), "
+                     f"same layer and channels."), figure=figure))
+    return figures
+
+
+# All figures.
+
+def build_sweep_figures(sweep: Sweep, tables: SweepTables, epoch_layers: list[float], images: str,
+                        num_channels: int, num_images: int) -> list[SweepFigure]:
+    """Build the five sweep figures in report order; skipped ones carry their reason."""
+    with paper_style():
+        results = [distance_per_layer(tables.layers),
+                   *activation_figures(sweep, tables, images, num_channels, num_images),
+                   capacity(tables.summary),
+                   distance_vs_epoch(tables.history, epoch_layers),
+                   mask_ratio(tables.summary)]
+    for result in results:
+        if result.skip_reason:
+            logger.info("skipping figure %s: %s", result.name, result.skip_reason)
+    return results
+
+
+def save_sweep_figures(results: list[SweepFigure], folder: Path) -> list[Path]:
+    """Write each drawn figure as PDF (vector) and PNG (300 dpi); remove files of figures now skipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    with paper_style():
+        for result in results:
+            if result.figure is None:
+                continue
+            result.paths = [folder / f"{result.name}.pdf", folder / f"{result.name}.png"]
+            for path in result.paths:
+                result.figure.savefig(path, bbox_inches="tight", pad_inches=0.03)
+            written += result.paths
+            logger.info("wrote %s", ", ".join(str(path) for path in result.paths))
+
+    for stale in sorted(set(folder.glob("*.pdf")) | set(folder.glob("*.png"))):
+        if stale not in written:
+            logger.info("removing %s, a figure that this run did not draw", stale)
+            stale.unlink()
+    return written
+
+
+def close_figures(results: list[SweepFigure]) -> None:
+    for result in results:
+        if result.figure is not None:
+            plt.close(result.figure)
+            result.figure = None
+
+
+def _group(rows: list[dict], key) -> dict:
+    """Group rows by a column name or a function of the row, keeping first-seen order."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[key] if isinstance(key, str) else key(row), []).append(row)
+    return groups
