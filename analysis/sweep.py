@@ -1,7 +1,8 @@
 """Sweep folders: find the members, measure the missing ones and gather their numbers into tables.
 
 A sweep folder SWEEP_DIR contains one run folder per member, SWEEP_DIR/<member>/, and usually
-SWEEP_DIR/manifest.json ({"name", "members": [{"name", "config", ...}]}). Without the
+SWEEP_DIR/manifest.json ({"name", "members": {name: {"config", ...}}}, or a list of
+{"name", "config", ...} entries). Without the
 manifest, every direct subfolder that contains config.json is a member. Each member's
 analysis lives in SWEEP_DIR/<member>/analysis/ (cosine_distance.csv and .json as written by
 `python -m analysis cosine RUN --output_dir RUN/analysis`, and activations.png).
@@ -151,6 +152,9 @@ def load_sweep(folder: str | Path) -> Sweep:
 
 def _manifest_members(manifest: dict, path: Path, folder: Path) -> list[Member]:
     entries = manifest.get("members")
+    if isinstance(entries, dict):
+        # The launcher's manifest maps member names to their entries.
+        entries = [{"name": name, **entry} for name, entry in sorted(entries.items()) if isinstance(entry, dict)]
     if not isinstance(entries, list):
         raise AnalysisError(f"{path} has no 'members' list; expected {{\"name\": ..., \"members\": "
                             f"[{{\"name\": ..., \"config\": {{...}}}}, ...]}}")

@@ -173,6 +173,22 @@ def test_sigkill_resumes_from_periodic_checkpoint(tmp_path):
     assert int(match.group(1)) >= 8 and int(match.group(1)) % 4 == 0
 
 
+def test_requeue_budget_stops_the_job(tmp_path):
+    output_dir = tmp_path / "budget"
+    job_id = submit(output_dir, "--max_requeues", "0")
+    wait_for_step(output_dir, 3)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
+
+    final = wait_final(output_dir)
+    assert final["state"] == "FAILED"
+    assert final["requeues"] == 0
+    assert len(final["interruptions"]) == 1
+    stopped_at = final["interruptions"][0]["step"]
+    assert safe_load(CheckpointManager(output_dir).last_path)["step"] == stopped_at
+    errors = "".join(p.read_text() for p in (output_dir / "submitit").glob("*/*_0_log.err"))
+    assert "more than --max_requeues 0" in errors and "submit the same command again" in errors
+
+
 def test_dry_run_prints_sbatch_script(tmp_path):
     result = cli("pretrain", "--output_dir", str(tmp_path / "dry"), *RUN, "--nodes", "2", "--partition", "debug",
                  "--account", "root", "--dry_run")

@@ -147,3 +147,12 @@ def test_smoke_sweep_failure_status_resume_and_relaunch(tmp_path):
     assert (sweep_dir / "convnext_atto-mr0.50" / "encoder.pth").exists()
     json_status = json.loads(cli("status", str(sweep_dir), "--format", "json").stdout)
     assert {r["name"] for r in json_status} == set(records)
+
+    # The aggregation job submitted by resume runs after every member and writes the report.
+    report = sweep_dir / "report.md"
+    deadline = time.monotonic() + 300
+    while not report.exists() and time.monotonic() < deadline:
+        time.sleep(3)
+    assert report.exists(), "the aggregation job wrote no report.md"
+    assert all(name in report.read_text() for name in records)
+    assert (sweep_dir / "convnextv2_femto-mr0.75" / "analysis" / "cosine_distance.csv").exists()
