@@ -87,7 +87,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     r = Resources()
     group = parser.add_argument_group("launch")
     group.add_argument("--cluster", default="auto", choices=CLUSTERS,
-                       help="auto: Slurm when sbatch is on PATH, else submitit's local executor")
+                       help="auto: Slurm when sbatch is on PATH and a controller answers sinfo, else "
+                            "submitit's local executor (default: auto)")
     group.add_argument("--nodes", type=int, default=r.nodes)
     group.add_argument("--tasks_per_node", type=int, default=r.tasks_per_node, help="ranks per node")
     group.add_argument("--cpus_per_task", type=int, default=r.cpus_per_task, help="CPU cores per rank")
@@ -227,9 +228,10 @@ def submit_pretrain(args: argparse.Namespace):
     from jobs.pretrain import PretrainJob
 
     config = config_from_args(args)
-    config.validate(check_data=True)
+    config.validate(check_data=False)
     resources = resources_from_args(args)
     resources.validate()
+    config.check_epoch_fills_batch(len(config.check_data()), resources.world_size)
     cluster = resolve_cluster(args.cluster)
     name = args.job_name or f"fcmae-{config.model}"
     if args.dry_run:
@@ -316,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # submitit re-raises the job's failure with its traceback
         print(f"error: job {job.job_id} failed: {error}", file=sys.stderr)
         return 1
+    loss = "-" if result["loss"] is None else f"{result['loss']:.4f}"
     print(f"job {job.job_id} {result['status']}: step {result['step']}/{result['total_steps']}, "
-          f"loss {result['loss']}, output {result['output_dir']}")
+          f"last-step loss {loss}, output {result['output_dir']}")
     return 0
 
 

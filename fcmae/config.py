@@ -122,6 +122,16 @@ class PretrainConfig:
         if check_data:
             self.check_data()
 
+    def check_epoch_fills_batch(self, num_files: int, world_size: int) -> None:
+        """Raise ConfigError unless an epoch holds at least one effective batch."""
+        samples = num_files * self.effective_repeat()
+        effective = self.batch_size * self.update_freq * world_size
+        if samples < effective:
+            raise ConfigError(f"--data {self.data} gives {samples} samples per epoch ({num_files} files x "
+                              f"data_repeat {self.effective_repeat()}), fewer than one effective batch of "
+                              f"{effective} (batch_size {self.batch_size} x update_freq {self.update_freq} x "
+                              f"{world_size} ranks); lower --batch_size or --update_freq, or raise --data_repeat")
+
     def check_data(self) -> list[Path]:
         """Return the image paths of --data, or raise ConfigError if there are none."""
         try:

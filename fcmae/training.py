@@ -145,6 +145,7 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "bad_files": self.bad_files.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "last_loss": self.monitor.last_loss if hasattr(self, "monitor") else None,
         }
 
     def save_checkpoint(self, reason: str) -> None:
@@ -184,6 +185,7 @@ class Trainer:
         self.position = Position(state["step"], state["epoch"], state["iter_in_epoch"], state["samples_seen"])
         self.bad_files.load_state_dict(state.get("bad_files", {}))
         torch.set_rng_state(state["rng"]["torch"])
+        self._resumed_loss = state.get("last_loss")
         logger.info("resumed from %s at step %d/%d (epoch %d, micro-batch %d)", path, self.position.step,
                     self.total_steps, self.position.epoch, self.position.iter_in_epoch)
         return True
@@ -213,7 +215,9 @@ class Trainer:
             run_info(self.output_dir, self.env.world_size, resumed)
         self.monitor = Monitor(self.cfg, self.env, self.total_steps, self.position.samples_seen,
                                self.effective_batch, resumed, bad_files=len(self.bad_files))
-        if not resumed:
+        if resumed:
+            self.monitor.last_loss = getattr(self, "_resumed_loss", None)
+        else:
             self.monitor.begin(self.model, self.position)
         logger.info("training %s for %d epochs = %d steps (%d per epoch), effective batch %d, lr %.3g, "
                     "%d ranks on %s", self.cfg.model, self.cfg.epochs, self.total_steps, self.steps_per_epoch,

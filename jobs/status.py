@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,17 +60,39 @@ def slurm_state(job_id: str) -> tuple[str, int, str | None]:
     return last["state"].split()[0], requeues, last["exit_code"]
 
 
+def local_job_alive(output_dir: Path, job_id: str) -> bool:
+    """Whether the PID of a local-executor job still runs that job (PIDs are reused)."""
+    try:
+        cmdline = Path(f"/proc/{int(job_id)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return False
+    return "submitit" in cmdline and str(output_dir.resolve()) in cmdline
+
+
 def local_state(output_dir: Path, job_id: str) -> str:
     """State of a local-executor job, whose id is the PID of its process."""
+    if local_job_alive(output_dir, job_id):
+        return "RUNNING"
     if (output_dir / "final_metrics.json").is_file():
         return "COMPLETED"
-    try:
-        os.kill(int(job_id), 0)
-        return "RUNNING"
-    except (ProcessLookupError, ValueError):
-        return "STOPPED"
-    except PermissionError:
-        return "RUNNING"
+    return "STOPPED"
+
+
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:")
+
+
+def last_error_line(path: Path) -> str | None:
+    """The last Python exception line of a log, else its last line mentioning an error."""
+    if not path.is_file():
+        return None
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if EXCEPTION_LINE.match(line):
+            return line[:400]
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line[:400]
+    return None
 
 
 def newest_checkpoint(output_dir: Path) -> tuple[str | None, float | None]:
@@ -97,6 +120,10 @@ def run_status(output_dir: str | Path) -> dict:
         requeues = len(run_info.get("interruptions", []))
     checkpoint, age = newest_checkpoint(output_dir)
     logs = sorted(str(p) for p in (output_dir / "submitit" / job_id).glob("*_log.*"))
+    reason = None
+    if state not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETED", "UNKNOWN"):
+        errors = [line for p in logs if p.endswith("_0_log.err") and (line := last_error_line(Path(p)))]
+        reason = errors[0] if errors else None
     return {
         "output_dir": str(output_dir), "job_id": job_id, "job_ids": [e["job_id"] for e in entries],
         "cluster": latest["cluster"], "state": state, "exit_code": exit_code, "requeues": requeues,
@@ -104,7 +131,7 @@ def run_status(output_dir: str | Path) -> dict:
         "epoch": progress.get("epoch"), "epochs": progress.get("epochs"), "step": progress.get("step"),
         "total_steps": progress.get("total_steps"), "loss": progress.get("loss"),
         "images_per_s": progress.get("images_per_s"), "checkpoint": checkpoint, "checkpoint_age_s": age,
-        "logs": logs,
+        "reason": reason, "logs": logs,
     }
 
 
@@ -119,10 +146,11 @@ def format_status(status: dict) -> str:
         ("job", f"{status['job_id']} ({status['cluster']}; all: {', '.join(status['job_ids'])})"),
         ("state", status["state"] + (f" (exit {status['exit_code']})" if status["exit_code"] not in (None, "0:0")
                                      else "")),
+        ("reason", status["reason"] or "-"),
         ("requeues", str(status["requeues"])),
         ("epoch", f"{status['epoch']}/{status['epochs']}" if status["epoch"] is not None else "-"),
         ("step", step),
-        ("loss", loss),
+        ("loss", f"{loss} (mean of the last log interval)" if status["loss"] is not None else loss),
         ("images/s", speed),
         ("checkpoint", f"{status['checkpoint'] or '-'} ({age})"),
         ("logs", "\n            ".join(status["logs"]) or "-"),
@@ -137,11 +165,12 @@ def cancel_run(output_dir: str | Path) -> str:
     job_id = latest["job_id"]
     if latest["cluster"] == "slurm":
         subprocess.run(["scancel", job_id], check=True, timeout=60)
-    else:
-        try:
-            os.kill(int(job_id), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        return job_id
+    if not local_job_alive(output_dir, job_id):
+        raise StatusError(f"local job {job_id} of {output_dir} is not running; nothing to cancel")
+    # The local job id is the PID of submitit's controller, which stops its tasks on SIGINT
+    # (as submitit's own LocalJob.cancel does).
+    os.kill(int(job_id), signal.SIGINT)
     return job_id
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.10+) and install the project with its dev extras.
+# Create .venv (Python 3.11+) and install the project with its dev extras.
 # Re-running is cheap: pip runs again only when pyproject.toml changed.
 set -euo pipefail
 

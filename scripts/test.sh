@@ -10,10 +10,12 @@ PY="${FCMAE_VENV:-$ROOT/.venv}/bin/python"
 
 # The slurm-marked tests need a running cluster; stop it again however pytest ends,
 # unless it was already running before this script.
+already_running=false
 if bash scripts/local_slurm.sh status >/dev/null 2>&1; then
-    eval "$(bash scripts/local_slurm.sh start)"
-else
-    eval "$(bash scripts/local_slurm.sh start)"
+    already_running=true
+fi
+eval "$(bash scripts/local_slurm.sh start)"
+if [[ "$already_running" == false ]]; then
     trap 'bash scripts/local_slurm.sh stop >&2 || true' EXIT
 fi
 

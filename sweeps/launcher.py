@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from datetime import datetime
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from jobs.executor import Resources, make_executor, resolve_cluster
 from jobs.pretrain import PretrainJob
-from jobs.status import newest_checkpoint, slurm_state
+from jobs.status import last_error_line, newest_checkpoint, slurm_state
 
 from fcmae.config import PretrainConfig
 
@@ -241,23 +240,6 @@ def failure_reason(entry: dict, exit_code: str | None) -> str:
     err = log.with_suffix(".err")
     line = last_error_line(err) or last_error_line(log) or "no error line in the log"
     return f"exit {exit_code}: {line} (log: {err if err.exists() else log})"
-
-
-EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:")
-
-
-def last_error_line(path: Path) -> str | None:
-    """The last Python exception line of a log, else its last line mentioning an error."""
-    if not path.is_file():
-        return None
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    for line in reversed(lines):
-        if EXCEPTION_LINE.match(line):
-            return line[:400]
-    for line in reversed(lines):
-        if "error" in line.lower():
-            return line[:400]
-    return None
 
 
 def format_status(records: list[dict]) -> str:

@@ -137,6 +137,8 @@ class SweepSpec:
             config.validate(check_data=check_data)
             launch = make_resources(resources)
             launch.validate()
+            if check_data:
+                config.check_epoch_fills_batch(len(config.check_data()), launch.world_size)
         except (ConfigError, LaunchError, TypeError) as error:
             raise SweepError(f"member {name}: {error}") from None
         return Member(name, config, launch)

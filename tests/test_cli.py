@@ -31,6 +31,8 @@ def launch(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     (["--warmup_epochs", "5", "--epochs", "2"], "--warmup_epochs 5: it must not exceed --epochs 2"),
     (["--num_workers", "-1"], "--num_workers -1: it must not be negative"),
     (["--gpus_per_node", "64"], "--gpus_per_node 64 with --cluster local"),
+    (["--data_repeat", "1", "--batch_size", "16"], "gives 9 samples per epoch (9 files x data_repeat 1), fewer "
+                                                   "than one effective batch of 16"),
 ])
 def test_bad_input_exits_without_submitting(tmp_path, args, message):
     output_dir = tmp_path / "run"
@@ -75,3 +77,24 @@ def test_pretrain_through_local_executor_then_resume_and_conflicts(tmp_path):
     archived = list(output_dir.glob("replaced-*/encoder.pth"))
     assert len(archived) == 1
     assert json.loads((output_dir / "config.json").read_text())["mask_ratio"] == 0.5
+
+
+def test_local_cancel_never_signals_unrelated_process(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "120"])
+    try:
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "submissions.jsonl").write_text(json.dumps({"job_id": str(sleeper.pid), "cluster": "local"}) + "\n")
+
+        status = subprocess.run([sys.executable, str(ROOT / "run_with_submitit.py"), "status", str(run),
+                                 "--format", "json"], capture_output=True, text=True, timeout=120)
+        assert json.loads(status.stdout)["state"] == "STOPPED"
+
+        cancel = subprocess.run([sys.executable, str(ROOT / "run_with_submitit.py"), "cancel", str(run)],
+                                capture_output=True, text=True, timeout=120)
+        assert cancel.returncode == 2
+        assert "is not running; nothing to cancel" in cancel.stderr
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -152,7 +152,7 @@ def test_output_folder_with_other_config_is_refused(photo_dir, tmp_path):
     before = write_previous_run(output_dir, photo_dir, mask_ratio=0.6)
 
     result = launch(["--data", str(photo_dir), "--output_dir", str(output_dir), "--cluster", "local",
-                     "--mask_ratio", "0.5"])
+                     "--mask_ratio", "0.5", "--batch_size", "4"])
     assert result.returncode == 2, result.stderr
     assert f"output folder {output_dir} holds a run with a different config" in result.stderr
     assert "mask_ratio: saved 0.6, requested 0.5" in result.stderr
