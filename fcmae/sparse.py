@@ -93,7 +93,8 @@ class SparseConvNeXtEncoder(MaskedConvNeXtEncoder):
         """GRN on (B, T, C) tokens: one norm over each image's T visible positions."""
         gx = torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True)
         nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
-        return x + torch.addcmul(grn.bias, grn.weight, x * nx)
+        # x + gamma * (x * Nx) + beta, folded into one full-size pass: x * (1 + gamma * Nx) + beta.
+        return torch.addcmul(grn.bias, x, torch.addcmul(torch.ones_like(nx), grn.weight, nx))
 
     @staticmethod
     def to_dense(x: torch.Tensor, ids: torch.Tensor, grid: int) -> torch.Tensor:
