@@ -69,7 +69,7 @@ def stage_breakdown(paths: list[Path], augment: AugmentConfig, rounds: int) -> d
         path = paths[index % len(paths)]
 
         start = time.perf_counter()
-        image = load_rgb(path)
+        image = load_rgb(path, dataset.min_side)
         decoded = time.perf_counter()
         top, left, h, w = random_resized_crop_params(image.width, image.height, rng, scale=augment.scale)
         image = TF.resized_crop(image, top, left, h, w, [augment.input_size] * 2,
@@ -107,8 +107,8 @@ def loader_throughput(dataset: PretrainDataset, batch_size: int, num_workers: in
     # Steady state: the batches after the first. Batches prefetched while the first one was
     # loading make this slightly optimistic, by at most 2 batches per worker.
     images = 0
-    for images_batch, _, _ in iterator:
-        images += images_batch.shape[0]
+    for batch in iterator:
+        images += batch[0].shape[0]
     elapsed = time.perf_counter() - first_batch
     del iterator
     return {"startup_s": first_batch - start, "img_s": images / elapsed}
@@ -161,9 +161,10 @@ def main(argv=None) -> None:
         print(f"{stage:<26} {ms:>9.2f}")
     results["stage_ms"] = breakdown
 
-    # Enough repeats of the files that no sample index is reused within one measurement.
+    # Enough repeats of the files that no sample index is reused within one measurement. The
+    # bad-file reports are on, as in the training loop.
     needed = (args.num_batches + 1) * args.batch_size
-    dataset = PretrainDataset(paths, augment, repeat=math.ceil(needed / len(paths)))
+    dataset = PretrainDataset(paths, augment, repeat=math.ceil(needed / len(paths)), report_bad_files=True)
     print(f"\nDataLoader throughput, batch {args.batch_size}, {args.num_batches} batches after the first, "
           f"median of {args.repeats} measurements")
     header = f"{'workers':>7} {'images/s':>9} {'per worker':>10} {'start-up s':>10}  load average"
