@@ -5,20 +5,21 @@
 #
 # Usage, from anywhere inside a checkout:
 #   bash benchmarks/gpu_check.sh [OUTPUT_FOLDER]
-# OUTPUT_FOLDER defaults to $OUT when set, else runs/gpu_check. Set PYTHON to choose the
-# interpreter (default: .venv/bin/python when it exists, else python3), and
+# OUTPUT_FOLDER defaults to $OUT when set, else runs/gpu_check in the checkout. Set PYTHON
+# to choose the interpreter (default: .venv/bin/python when it exists, else python3), and
 # GPU_CHECK_COMPILE=1 to also time torch.compile (adds minutes of compilation).
 # Without a CUDA device it runs a short CPU smoke pass of the same scripts instead, which
 # checks the script path but measures nothing about GPUs.
 #
-# Each stage has its own time limit, about 8 minutes in all; a stage that fails or times
-# out is reported and the next one still runs. The exit status is the number of failed stages.
+# Each stage has its own time limit, about 8 minutes in all. A stage that fails or times
+# out is reported, and the next one still runs. The exit status is the number of failed stages.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$repo"
-out=${1:-${OUT:-runs/gpu_check}}
+out=${1:-${OUT:-$repo/runs/gpu_check}}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$repo"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi

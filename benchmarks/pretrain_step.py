@@ -3,7 +3,7 @@
 A step is forward, backward and an AdamW step on a fixed batch of random images with a
 fixed mask. All variants of one model size (V1/V2, dense/sparse encoder, fp32/bf16) are
 timed round-robin, one step each per round, so a change in machine load hits every
-variant alike. Figures are medians over the timed rounds; ratios are medians of the
+variant alike. Figures are medians over the timed rounds, and ratios are medians of the
 per-round ratios of paired steps.
 
 Peak memory: on CUDA, torch.cuda.max_memory_allocated over one step (model, optimizer
@@ -231,13 +231,11 @@ def model_names(size: str, versions: list[str]) -> list[str]:
 def measure_size(size: str, args: argparse.Namespace, device: torch.device) -> list[Variant]:
     """Time and measure memory for every variant of one model size."""
     variants = []
-    models = []
     for model_name in model_names(size, args.versions):
         for impl in args.impls:
             torch.manual_seed(args.seed)
             model, optimizer = build_model(model_name, impl, args, device)
             images, mask = fixed_batch(model, args, device)
-            models.append(model)
             for dtype in args.dtypes:
                 variants.append(Variant(model_name, impl, dtype, make_step(model, optimizer, images, mask, dtype)))
 
@@ -328,6 +326,7 @@ def measure_compile(args: argparse.Namespace, device: torch.device) -> dict:
         torch.manual_seed(args.seed)
         eager_model, eager_optimizer = build_model(model_name, "sparse", args, device)
         images, mask = fixed_batch(eager_model, args, device)
+        torch.manual_seed(args.seed)
         compiled_model, compiled_optimizer = build_model(model_name, "sparse", args, device)
         compiled_forward = torch.compile(compiled_model)
 
