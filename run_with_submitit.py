@@ -87,7 +87,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     r = Resources()
     group = parser.add_argument_group("launch")
     group.add_argument("--cluster", default="auto", choices=CLUSTERS,
-                       help="auto: Slurm when sbatch is on PATH and a controller answers sinfo, else "
+                       help="auto: Slurm when sbatch is on PATH and a controller responds to sinfo, else "
                             "submitit's local executor (default: auto)")
     group.add_argument("--nodes", type=int, default=r.nodes)
     group.add_argument("--tasks_per_node", type=int, default=r.tasks_per_node, help="ranks per node")
@@ -190,7 +190,7 @@ def prepare_output_dir(config: PretrainConfig, resume: bool, force: bool) -> Pre
         return config
     changed = saved.diff(config)
     if not changed:
-        logger.info("output folder %s holds this run; the job resumes from its newest checkpoint", output_dir)
+        logger.info("output folder %s contains this run; the job resumes from its newest checkpoint", output_dir)
         return config
     listing = "; ".join(f"{k}: saved {a!r}, requested {b!r}" for k, (a, b) in sorted(changed.items()))
     if resume:

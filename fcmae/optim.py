@@ -31,7 +31,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
-    """The linear scaling rule: lr = blr * effective batch / 256."""
+    """Apply the linear scaling rule: lr = blr * effective batch / 256."""
     return blr * effective_batch / 256
 
 

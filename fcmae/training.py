@@ -191,7 +191,7 @@ class Trainer:
         return True
 
     def _periodic_save_due(self, step: int) -> bool:
-        """Whether a periodic checkpoint is due after optimizer step `step` (this rank's clock)."""
+        """Check whether a periodic checkpoint is due after optimizer step `step`, by this rank's clock."""
         cfg = self.cfg
         if step >= self.total_steps:
             return False

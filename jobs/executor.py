@@ -51,7 +51,7 @@ class Resources:
 
 
 def slurm_reachable() -> bool:
-    """Whether the Slurm client is installed and a controller answers `sinfo`."""
+    """Check that the Slurm client is installed and a controller responds to `sinfo`."""
     if not shutil.which("sbatch") or not shutil.which("sinfo"):
         return False
     try:
@@ -61,13 +61,13 @@ def slurm_reachable() -> bool:
 
 
 def resolve_cluster(cluster: str) -> str:
-    """Map 'auto' to 'slurm' when a Slurm controller answers, else to 'local'."""
+    """Map 'auto' to 'slurm' when a Slurm controller responds, else to 'local'."""
     if cluster not in CLUSTERS:
         raise LaunchError(f"invalid --cluster {cluster!r}; valid values: {', '.join(CLUSTERS)}")
     if cluster == "auto":
         return "slurm" if slurm_reachable() else "local"
     if cluster == "slurm" and not slurm_reachable():
-        raise LaunchError("--cluster slurm needs the Slurm client (sbatch) on PATH and a controller that answers "
+        raise LaunchError("--cluster slurm needs the Slurm client (sbatch) on PATH and a controller that responds to "
                           "`sinfo` (check SLURM_CONF); run on a login node or use --cluster local")
     return cluster
 

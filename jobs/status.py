@@ -30,13 +30,13 @@ def record_submission(output_dir: Path, job_id: str, cluster: str, world_size: i
 def submissions(output_dir: Path) -> list[dict]:
     path = output_dir / SUBMISSIONS_FILE
     if not path.is_file():
-        raise StatusError(f"{output_dir} holds no submitted run ({SUBMISSIONS_FILE} is missing); pass the "
+        raise StatusError(f"{output_dir} contains no submitted run ({SUBMISSIONS_FILE} is missing); pass the "
                           f"--output_dir of a run submitted with run_with_submitit.py")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def sacct_records(job_id: str) -> list[dict]:
-    """Every accounting record of a job, requeued attempts included (sacct -D), oldest first."""
+    """Return every accounting record of a job, requeued attempts included (sacct -D), oldest first."""
     if not shutil.which("sacct"):
         return []
     try:
@@ -61,7 +61,7 @@ def slurm_state(job_id: str) -> tuple[str, int, str | None]:
 
 
 def local_job_alive(output_dir: Path, job_id: str) -> bool:
-    """Whether the PID of a local-executor job still runs that job (PIDs are reused)."""
+    """Check that the PID of a local-executor job still runs that job, because PIDs are reused."""
     try:
         cmdline = Path(f"/proc/{int(job_id)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (OSError, ValueError):
@@ -82,7 +82,7 @@ EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*:")
 
 
 def last_error_line(path: Path) -> str | None:
-    """The last Python exception line of a log, else its last line mentioning an error."""
+    """Return the last Python exception line of a log, else its last line mentioning an error."""
     if not path.is_file():
         return None
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]

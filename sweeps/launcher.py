@@ -87,10 +87,11 @@ def launch(sweep_file: str, sweep_dir: str | None = None, dry_run: bool = False,
     if array_parallelism < 1:
         raise SweepError(f"invalid --array_parallelism {array_parallelism}: it must be at least 1")
     if resolve_cluster(cluster) != "slurm":
-        raise SweepError("sweeps run as Slurm job arrays, and no Slurm controller answers here; start one "
+        raise SweepError("sweeps run as Slurm job arrays, and no Slurm controller responds here; start one "
                          "(scripts/local_slurm.sh for a local cluster) or launch members one by one with "
                          "run_with_submitit.py pretrain")
 
+    manifest["array_parallelism"] = array_parallelism
     submitted = submit_members(pending, sweep_dir, manifest, array_parallelism, analysis)
     save_manifest(sweep_dir, manifest)
     skipped = len(members) - len(pending)
@@ -185,7 +186,7 @@ def record_member(manifest: dict, member: Member, job_id: str, log: str) -> None
 
 
 def submit_analysis(members: list[Member], sweep_dir: Path, manifest: dict) -> None:
-    """One afterok job per member (cosine distances), one afterany job for the whole sweep."""
+    """Submit one afterok job per member (cosine distances) and one afterany job for the whole sweep."""
     small = Resources(cpus_per_task=2, timeout_min=60, partition=members[0].resources.partition,
                       account=members[0].resources.account, qos=members[0].resources.qos)
     for member in members:
@@ -210,11 +211,11 @@ def submit_with_dependency(resources: Resources, sweep_dir: Path, name: str, dep
 
 # --------------------------------------------------------------------------- status
 def sweep_status(sweep_dir: str | Path) -> list[dict]:
-    """One status record per member: state, progress, loss, checkpoint age, failure reason."""
+    """Return one status record per member: state, progress, loss, checkpoint age, failure reason."""
     sweep_dir = Path(sweep_dir)
     manifest = load_manifest(sweep_dir)
     if manifest is None:
-        raise SweepError(f"{sweep_dir} holds no sweep ({MANIFEST} is missing); pass the folder printed by "
+        raise SweepError(f"{sweep_dir} contains no sweep ({MANIFEST} is missing); pass the folder printed by "
                          f"'sweep launch'")
     return [member_record(name, entry) for name, entry in sorted(manifest["members"].items())]
 
@@ -235,7 +236,7 @@ def member_record(name: str, entry: dict) -> dict:
 
 
 def failure_reason(entry: dict, exit_code: str | None) -> str:
-    """The exit code and the last error line of the member's log."""
+    """Return the exit code and the last error line of the member's log."""
     log = Path(entry.get("log") or "")
     err = log.with_suffix(".err")
     line = last_error_line(err) or last_error_line(log) or "no error line in the log"
@@ -268,7 +269,7 @@ def resume(sweep_dir: str | Path, analysis: bool = True) -> str:
     sweep_dir = Path(sweep_dir).resolve()
     manifest = load_manifest(sweep_dir)
     if manifest is None:
-        raise SweepError(f"{sweep_dir} holds no sweep ({MANIFEST} is missing)")
+        raise SweepError(f"{sweep_dir} contains no sweep ({MANIFEST} is missing)")
     members = []
     for name, entry in sorted(manifest["members"].items()):
         state, _, _ = member_state(entry)
@@ -278,7 +279,7 @@ def resume(sweep_dir: str | Path, analysis: bool = True) -> str:
     if not members:
         return f"sweep {manifest['name']}: nothing to resume"
     cancel_job(manifest.get("aggregate_job_id"))
-    submit_members(members, sweep_dir, manifest, array_parallelism=64, analysis=analysis)
+    submit_members(members, sweep_dir, manifest, manifest.get("array_parallelism", 64), analysis)
     save_manifest(sweep_dir, manifest)
     return f"sweep {manifest['name']}: resubmitted {len(members)} member(s): {', '.join(m.name for m in members)}"
 
@@ -287,7 +288,7 @@ def cancel(sweep_dir: str | Path, member: str | None = None) -> str:
     sweep_dir = Path(sweep_dir)
     manifest = load_manifest(sweep_dir)
     if manifest is None:
-        raise SweepError(f"{sweep_dir} holds no sweep ({MANIFEST} is missing)")
+        raise SweepError(f"{sweep_dir} contains no sweep ({MANIFEST} is missing)")
     names = [member] if member else sorted(manifest["members"])
     unknown = [n for n in names if n not in manifest["members"]]
     if unknown:
