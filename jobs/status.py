@@ -168,10 +168,62 @@ def cancel_run(output_dir: str | Path) -> str:
         return job_id
     if not local_job_alive(output_dir, job_id):
         raise StatusError(f"local job {job_id} of {output_dir} is not running; nothing to cancel")
-    # The local job id is the PID of submitit's controller, which stops its tasks on SIGINT
-    # (as submitit's own LocalJob.cancel does).
-    os.kill(int(job_id), signal.SIGINT)
+    cancel_local_job(output_dir, job_id)
     return job_id
+
+
+LOCAL_CANCEL_GRACE_S = 5.0
+
+
+def cancel_local_job(output_dir: Path, job_id: str, grace_s: float = LOCAL_CANCEL_GRACE_S) -> None:
+    """Stop a local-executor job and wait until its controller has exited.
+
+    The job id is the PID of submitit's controller, which stops its tasks on SIGINT (as
+    submitit's own LocalJob.cancel does). A controller started in the background of a
+    non-interactive shell (`nohup ... &`) inherits SIGINT as ignored, and its tasks ignore
+    SIGINT and SIGTERM as well, so after `grace_s` the tasks get SIGKILL, like `scancel` after
+    KillWait. Checkpoints are written atomically, so the newest complete one survives.
+    """
+    controller = int(job_id)
+    os.kill(controller, signal.SIGINT)
+    if _wait_until_stopped(output_dir, job_id, grace_s):
+        return
+
+    for task in child_pids(controller):
+        _kill_quietly(task)
+    if not _wait_until_stopped(output_dir, job_id, grace_s):
+        _kill_quietly(controller)
+        _wait_until_stopped(output_dir, job_id, grace_s)
+
+
+def _wait_until_stopped(output_dir: Path, job_id: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not local_job_alive(output_dir, job_id):
+            return True
+        time.sleep(0.2)
+    return not local_job_alive(output_dir, job_id)
+
+
+def child_pids(pid: int) -> list[int]:
+    """PIDs whose parent is `pid`, read from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name in parentheses may hold spaces; the parent PID follows it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _read_json(path: Path) -> dict:

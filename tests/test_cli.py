@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,55 @@ def test_pretrain_through_local_executor_then_resume_and_conflicts(tmp_path):
     archived = list(output_dir.glob("replaced-*/encoder.pth"))
     assert len(archived) == 1
     assert json.loads((output_dir / "config.json").read_text())["mask_ratio"] == 0.5
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_for_text(path: Path, text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{path} did not show {text!r} within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_local_cancel_with_sigint_ignored(tmp_path):
+    # `nohup ... &` from a script starts the launcher with SIGINT ignored, and submitit's
+    # controller and tasks inherit that; cancel must still stop the job.
+    output_dir = tmp_path / "run"
+    launcher_log = tmp_path / "launcher.log"
+    try:
+        with open(launcher_log, "w") as log:
+            # The controller outlives the launcher and keeps its stdout, so no pipe here.
+            submit = subprocess.run([sys.executable, str(ROOT / "run_with_submitit.py"), "pretrain", "--model",
+                                     "convnext_atto", "--output_dir", str(output_dir), *TINY, "--epochs", "1000"],
+                                    stdout=log, stderr=subprocess.STDOUT, timeout=120, cwd=ROOT,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        assert submit.returncode == 0, launcher_log.read_text()
+        wait_for_text(output_dir / "logs" / "rank0.log", "step", timeout_s=180)
+
+        cancel = subprocess.run([sys.executable, str(ROOT / "run_with_submitit.py"), "cancel", str(output_dir)],
+                                capture_output=True, text=True, timeout=120)
+        assert cancel.returncode == 0, cancel.stderr
+        assert processes_mentioning(str(output_dir)) == []
+
+        status = subprocess.run([sys.executable, str(ROOT / "run_with_submitit.py"), "status", str(output_dir),
+                                 "--format", "json"], capture_output=True, text=True, timeout=120)
+        assert json.loads(status.stdout)["state"] == "STOPPED"
+    finally:
+        for pid in processes_mentioning(str(output_dir)):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_local_cancel_never_signals_unrelated_process(tmp_path):
