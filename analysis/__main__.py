@@ -1,7 +1,8 @@
 """Command line for the feature-collapse analysis: `python -m analysis COMMAND`.
 
 Commands for runs: cosine, activations, figures. Commands for sweep folders: aggregate,
-figures, tensorboard, report. For data sets: check_data. `python -m analysis` lists them;
+figures, tensorboard, report. For copied tables (such as results/): replot. For data sets:
+check_data. `python -m analysis` lists them;
 `COMMAND --help` shows options.
 
 Every command except check_data returns the paths it wrote, one per line, on stdout;
@@ -171,6 +172,23 @@ def report(sweep_dir, epoch_layers=DEFAULT_EPOCH_LAYERS, images=SAMPLE_DATA, num
     return _lines(run_report(sweep_dir, epoch_layers, images, num_channels, num_images))
 
 
+def replot(folder, epoch_layers=DEFAULT_EPOCH_LAYERS):
+    """Redraw the figures of committed tables (summary.csv, layer_distances.csv, collapse_history.csv).
+
+    Needs no run folders or weights: every figure but the activation maps is drawn from the
+    tables alone and written as PDF and PNG to <tables folder>/figures.
+
+    Args:
+        folder: a folder with the three CSV files that 'aggregate' writes to a sweep folder, or a
+            folder of such folders (e.g. results/), each redrawn in turn.
+        epoch_layers: normalized depths of the blocks drawn against training epoch, comma-separated.
+    """
+    from analysis.replot import replot as run_replot
+    from analysis.sweep_commands import parse_positions
+
+    return _lines(run_replot(folder, parse_positions(epoch_layers)))
+
+
 def check_data(path, workers=None, allow_unreadable=False):
     """Decode every image under a data folder as training does; list the files that cannot be decoded.
 
@@ -189,7 +207,7 @@ def _lines(paths) -> str:
 
 
 COMMANDS = {"cosine": cosine, "activations": activations, "figures": figures, "aggregate": aggregate,
-            "tensorboard": tensorboard, "report": report, "check_data": check_data}
+            "tensorboard": tensorboard, "report": report, "replot": replot, "check_data": check_data}
 
 
 def check_options(argv: list[str]) -> None:

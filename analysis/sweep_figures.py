@@ -365,6 +365,58 @@ def _legend_below(figure, axes, columns: int) -> None:
     figure.legend(handles, labels, loc="outside lower center", ncol=max(1, min(columns, len(handles))))
 
 
+# 6. Initialization against trained encoder.
+
+def init_vs_trained(history: list[dict]) -> SweepFigure:
+    """Distance per layer of the random initialization (epoch 0) and of the last measurement, per member."""
+    result = SweepFigure("init_vs_trained", "Feature cosine distance before and after pretraining")
+    by_member = {name: rows for name, rows in _group(history, "member").items()
+                 if min(row["epoch"] for row in rows) == 0 and max(row["epoch"] for row in rows) > 0}
+    if not by_member:
+        result.skip_reason = ("no member has an epoch-0 and a later measurement in collapse.jsonl "
+                              "(enable --collapse_every in pretraining)")
+        return result
+
+    sizes = size_order([rows[0] for rows in by_member.values()])
+    figure, axes = plt.subplots(1, len(sizes), figsize=(FULL_WIDTH if len(sizes) > 1 else COLUMN_WIDTH, 2.6),
+                                sharey=True, squeeze=False, layout="constrained")
+    legend_entries: dict[str, dict] = {}
+    # Version names label the lines unless a size has several members of one version.
+    pairs = [(rows[0]["size"], rows[0]["version"]) for rows in by_member.values()]
+    by_name = len(set(pairs)) < len(pairs)
+    for axis, size in zip(axes[0], sizes):
+        members = {name: rows for name, rows in by_member.items() if rows[0]["size"] == size}
+        _draw_init_panel(axis, members, legend_entries, by_name)
+        axis.set_title(_size_title(size, [rows[0] for rows in members.values()]))
+        axis.set_xlabel("normalized layer index")
+    axes[0, 0].set_ylabel(DISTANCE_LABEL)
+    axes[0, 0].set_ylim(*_distance_limits([row["distance"] for rows in by_member.values() for row in rows]))
+    _figure_legend(figure, legend_entries, columns=2)
+
+    result.figure = figure
+    result.caption = ("Feature cosine distance per block of the randomly initialized encoder (epoch 0, thin "
+                      "lines, hollow markers) and at the last in-training measurement (thick lines), "
+                      "on the same images.")
+    return result
+
+
+def _draw_init_panel(axis, members: dict[str, list[dict]], legend_entries: dict, by_name: bool) -> None:
+    counts: dict[str, int] = defaultdict(int)
+    ordered = sorted(members.items(), key=lambda item: (-version_order(item[1][0]["version"]), item[0]))
+    for name, rows in ordered:
+        version = rows[0]["version"]
+        style = line_style(version, counts[version])
+        counts[version] += 1
+        last_epoch = max(row["epoch"] for row in rows)
+        for epoch, weight in ((0, "init"), (last_epoch, "trained")):
+            points = sorted((row["normalized_layer"], row["distance"]) for row in rows if row["epoch"] == epoch)
+            drawn = dict(style, linewidth=0.7, markerfacecolor="none", alpha=0.8) if weight == "init" else style
+            axis.plot([x for x, _ in points], [y for _, y in points], **drawn)
+            stage = "random init" if weight == "init" else f"epoch {last_epoch}"
+            label = f"{name if by_name else VERSION_NAMES[version]}, {stage}"
+            legend_entries.setdefault(label, drawn)
+
+
 # 2. Activation grids.
 
 def activation_pairs(sweep: Sweep, summary: list[dict]) -> list[tuple[str, dict, dict]]:
@@ -414,17 +466,30 @@ def activation_figures(sweep: Sweep, tables: SweepTables, images: str, num_chann
 
 def build_sweep_figures(sweep: Sweep, tables: SweepTables, epoch_layers: list[float], images: str,
                         num_channels: int, num_images: int) -> list[SweepFigure]:
-    """Build the five sweep figures in report order; skipped ones carry their reason."""
+    """Build the sweep figures in report order; skipped ones carry their reason."""
+    from_tables = table_figures(tables, epoch_layers)
+    with paper_style():
+        activations = activation_figures(sweep, tables, images, num_channels, num_images)
+    results = [from_tables[0], *activations, *from_tables[1:]]
+    log_skipped(results)
+    return results
+
+
+def table_figures(tables: SweepTables, epoch_layers: list[float]) -> list[SweepFigure]:
+    """Build the figures drawn from the tables alone (all but the activation maps), in report order."""
     with paper_style():
         results = [distance_per_layer(tables.layers),
-                   *activation_figures(sweep, tables, images, num_channels, num_images),
                    capacity(tables.summary),
                    distance_vs_epoch(tables.history, epoch_layers),
+                   init_vs_trained(tables.history),
                    mask_ratio(tables.summary)]
+    return results
+
+
+def log_skipped(results: list[SweepFigure]) -> None:
     for result in results:
         if result.skip_reason:
             logger.info("skipping figure %s: %s", result.name, result.skip_reason)
-    return results
 
 
 def save_sweep_figures(results: list[SweepFigure], folder: Path) -> list[Path]:
@@ -437,7 +502,9 @@ def save_sweep_figures(results: list[SweepFigure], folder: Path) -> list[Path]:
                 continue
             result.paths = [folder / f"{result.name}.pdf", folder / f"{result.name}.png"]
             for path in result.paths:
-                result.figure.savefig(path, bbox_inches="tight", pad_inches=0.03)
+                # Without a creation date, the same tables give byte-identical PDFs (stable diffs).
+                metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
+                result.figure.savefig(path, bbox_inches="tight", pad_inches=0.03, metadata=metadata)
             written += result.paths
             logger.info("wrote %s", ", ".join(str(path) for path in result.paths))
 

@@ -26,7 +26,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINED = [("convnext_atto", 0.6), ("convnextv2_atto", 0.6), ("convnextv2_atto", 0.4), ("convnextv2_femto", 0.6)]
 UNFINISHED = ("convnext_femto", 0.6)
 NOT_STARTED = ("convnextv2_pico", 0.6)
-FIGURES = ("distance_per_layer", "activations_atto", "capacity", "distance_vs_epoch", "mask_ratio")
+FIGURES = ("distance_per_layer", "activations_atto", "capacity", "distance_vs_epoch", "init_vs_trained",
+           "mask_ratio")
 METRICS = ("hparams/final_loss", "hparams/mean_distance", "hparams/final_layer_distance", "hparams/min_distance")
 HPARAMS = {"model", "version", "size", "encoder_params", "mask_ratio", "epochs", "effective_batch"}
 
@@ -314,3 +315,74 @@ def test_cli_sweep_folder_missing_fails_clearly(tmp_path):
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# Redrawing from copied tables.
+
+TABLE_FIGURES = tuple(name for name in FIGURES if not name.startswith("activations"))
+
+
+def copy_tables(sweep_dir: Path, folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for name in ("summary.csv", "layer_distances.csv", "collapse_history.csv"):
+        (folder / name).write_bytes((sweep_dir / name).read_bytes())
+    return folder
+
+
+def test_replot_from_copied_tables(sweep_dir, aggregated, tmp_path):
+    assert aggregated.returncode == 0, aggregated.stderr
+    copy_tables(sweep_dir, tmp_path / "results" / "smoke")
+
+    result = run_cli("replot", str(tmp_path / "results"))
+
+    assert result.returncode == 0, result.stderr
+    drawn = sorted(path.name for path in (tmp_path / "results" / "smoke" / "figures").iterdir())
+    assert drawn == sorted(f"{name}.{suffix}" for name in TABLE_FIGURES for suffix in ("pdf", "png"))
+    assert len(result.stdout.splitlines()) == len(drawn)
+
+
+def test_replot_draws_csv_values(sweep_dir, aggregated, tmp_path):
+    from analysis.replot import read_tables
+    from analysis.sweep_figures import close_figures, table_figures
+
+    assert aggregated.returncode == 0, aggregated.stderr
+    tables = read_tables(copy_tables(sweep_dir, tmp_path / "smoke"))
+    results = table_figures(tables, [0.0, 1.0])
+    try:
+        per_layer = results[0].figure
+        drawn = {tuple(float(y) for y in line.get_ydata()) for axis in per_layer.axes for line in axis.lines}
+    finally:
+        close_figures(results)
+
+    rows = read_rows(sweep_dir / "layer_distances.csv")
+    for model, mask_ratio in TRAINED:
+        member = sorted((row for row in rows if row["member"] == member_name(model, mask_ratio)),
+                        key=lambda row: int(row["layer"]))
+        assert tuple(float(row["distance"]) for row in member) in drawn
+
+
+def test_replot_tables_keep_types(sweep_dir, aggregated):
+    from analysis.replot import read_tables
+    from analysis.sweep import gather_tables, load_sweep
+
+    assert aggregated.returncode == 0, aggregated.stderr
+    gathered = gather_tables(load_sweep(sweep_dir))
+    read_back = read_tables(sweep_dir)
+
+    assert read_back.layers == gathered.layers
+    assert read_back.history == gathered.history
+    assert [row["member"] for row in read_back.summary] == [row["member"] for row in gathered.summary]
+
+
+def test_replot_rejects_folder_without_tables(sweep_dir, aggregated, tmp_path):
+    (tmp_path / "empty").mkdir()
+    empty = run_cli("replot", str(tmp_path / "empty"))
+    assert empty.returncode == 2
+    assert "contains summary.csv" in empty.stderr
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "summary.csv").write_bytes((sweep_dir / "summary.csv").read_bytes())
+    missing = run_cli("replot", str(partial))
+    assert missing.returncode == 2
+    assert "is missing layer_distances.csv, collapse_history.csv" in missing.stderr
