@@ -53,11 +53,26 @@ def slurm_state(job_id: str) -> tuple[str, int, str | None]:
     """Return (state, requeue count, exit code) of a Slurm job from accounting."""
     records = sacct_records(job_id)
     if not records:
-        return "UNKNOWN", 0, None
+        # sacct lists the pending tasks of an array under one record such as 327_[4-5%2], so a
+        # task id like 327_5 has no record of its own until it starts; squeue knows it.
+        return squeue_state(job_id), 0, None
     requeues = sum(1 for r in records[:-1] if r["state"].split()[0] in ("REQUEUED", "PREEMPTED", "NODE_FAIL",
                                                                            "TIMEOUT"))
     last = records[-1]
     return last["state"].split()[0], requeues, last["exit_code"]
+
+
+def squeue_state(job_id: str) -> str:
+    """Return the squeue state of a queued or running job, or UNKNOWN if squeue does not list it."""
+    if not shutil.which("squeue"):
+        return "UNKNOWN"
+    try:
+        output = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (subprocess.SubprocessError, OSError):
+        return "UNKNOWN"
+    states = output.split()
+    return states[0] if states else "UNKNOWN"
 
 
 def local_job_alive(output_dir: Path, job_id: str) -> bool:

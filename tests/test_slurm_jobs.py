@@ -197,3 +197,18 @@ def test_dry_run_prints_sbatch_script(tmp_path):
     assert "#SBATCH --partition=debug" in result.stdout
     assert "srun" in result.stdout
     assert not (tmp_path / "dry").exists()
+
+
+def test_pending_array_task_reads_pending(tmp_path):
+    from jobs.status import slurm_state
+
+    # With a limit of one task at a time, task 1 waits while task 0 sleeps.
+    submitted = subprocess.run(["sbatch", "--parsable", "--array=0-1%1", "--output", str(tmp_path / "%A_%a.out"),
+                                "--wrap", "sleep 60"], capture_output=True, text=True, timeout=60, check=True)
+    array_id = submitted.stdout.strip().split(";")[0]
+    try:
+        state, requeues, _ = slurm_state(f"{array_id}_1")
+        assert state == "PENDING"
+        assert requeues == 0
+    finally:
+        subprocess.run(["scancel", array_id], timeout=60)
