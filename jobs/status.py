@@ -54,7 +54,7 @@ def slurm_state(job_id: str) -> tuple[str, int, str | None]:
     records = sacct_records(job_id)
     if not records:
         # sacct lists the pending tasks of an array under one record such as 327_[4-5%2], so a
-        # task id like 327_5 has no record of its own until it starts; squeue knows it.
+        # task id like 327_5 has no record of its own until it starts, but squeue lists it.
         return squeue_state(job_id), 0, None
     requeues = sum(1 for r in records[:-1] if r["state"].split()[0] in ("REQUEUED", "PREEMPTED", "NODE_FAIL",
                                                                            "TIMEOUT"))
