@@ -136,7 +136,10 @@ def model_panel(label: str, loaded: LoadedEncoder, images: torch.Tensor, layer: 
     columns = math.ceil(math.sqrt(num_channels))
     mosaics = [mosaic(maps[b], constant[b], columns) for b in range(len(maps))]
     counts = [int(constant[b].sum()) for b in range(len(maps))]
-    title = f"{label}\n{loaded.model_name} ({loaded.version.upper()})\n{num_channels} of {width} channels"
+    model = f"{loaded.model_name} ({loaded.version.upper()})"
+    # A run folder named after its model would repeat the model name on the first line.
+    heading = model if label == loaded.model_name else f"{label}\n{model}"
+    title = f"{heading}\n{num_channels} of {width} channels"
     return ActivationPanel(title=title, mosaics=mosaics, constant_counts=counts, num_tiles=num_channels)
 
 
