@@ -9,10 +9,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from analysis import AnalysisError
 
@@ -178,8 +181,26 @@ def measure_paths(paths: list[Path], image_paths: list[Path], input_size: int | 
     return runs
 
 
+@contextmanager
+def replacing(path: Path, newline: str | None = None) -> Iterator[TextIO]:
+    """Open a uniquely named file next to PATH for writing, then move it onto PATH in one step.
+
+    A sweep's aggregate job may read a member's distances while that member's analysis job
+    writes them, so a reader must see either the old file or the complete new one.
+    """
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         newline=newline, delete=False)
+    try:
+        with handle:
+            yield handle
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+
+
 def write_csv(runs: list[RunDistances], path: Path) -> Path:
-    with path.open("w", newline="") as file:
+    with replacing(path, newline="") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for run in runs:
@@ -218,7 +239,8 @@ def write_json(runs: list[RunDistances], image_source: str, image_paths: list[Pa
         "input_size": {run.label: run.input_size for run in runs},
         "rows": [row for run in runs for row in run.rows()],
     }
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    with replacing(path) as file:
+        file.write(json.dumps(document, indent=2) + "\n")
     return path
 
 
@@ -277,8 +299,9 @@ def run_cosine(paths: list[Path], output_dir: Path | None, input_size: int | Non
 
     runs = measure_paths(paths, image_paths, input_size, batch_size)
 
-    written = [write_csv(runs, output_dir / CSV_NAME),
-               write_json(runs, str(images), image_paths, output_dir / JSON_NAME)]
+    # The CSV marks the member as measured (see analysis.sweep), so it is replaced last.
+    written = [write_json(runs, str(images), image_paths, output_dir / JSON_NAME),
+               write_csv(runs, output_dir / CSV_NAME)]
     if tensorboard:
         written.append(write_tensorboard(runs, output_dir))
     logger.info("feature cosine distance per layer:\n%s", format_table(runs))

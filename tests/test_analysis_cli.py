@@ -367,3 +367,31 @@ def test_cli_unknown_option_fails_before_running(runs, tmp_path):
     assert "unknown option --max_image for 'cosine'" in result.stderr
     assert "--max_images" in result.stderr
     assert not (tmp_path / "cosine_distance.csv").exists()
+
+
+def test_replacing_keeps_old_file_on_error(tmp_path):
+    from analysis.cosine import replacing
+
+    path = tmp_path / "cosine_distance.csv"
+    path.write_text("old complete file\n")
+
+    with pytest.raises(RuntimeError):
+        with replacing(path) as file:
+            file.write("half of a new fi")
+            raise RuntimeError("measurement failed mid-write")
+
+    assert path.read_text() == "old complete file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cosine_distance.csv"]
+
+
+def test_replacing_swaps_in_new_file(tmp_path):
+    from analysis.cosine import replacing
+
+    path = tmp_path / "cosine_distance.csv"
+    path.write_text("old\n")
+    with replacing(path) as file:
+        file.write("new\n")
+        assert path.read_text() == "old\n"
+
+    assert path.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cosine_distance.csv"]
