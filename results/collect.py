@@ -1,0 +1,86 @@
+"""Write the per-run facts of a results sweep folder: wall time, throughput and training curve.
+
+Usage: python results/collect.py SWEEP_DIR DEST_DIR. Writes DEST_DIR/runs.csv (one row per
+completed run) and DEST_DIR/training_curves.csv (the logged steps of every run), and
+results/machine.md with the hardware and software the runs used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+RUN_COLUMNS = ("member", "model", "host", "started", "finished", "wall_min", "steps", "samples_seen",
+               "mean_images_per_s", "final_loss", "code_version")
+CURVE_COLUMNS = ("member", "step", "epoch", "samples_seen", "loss", "lr", "images_per_s")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_row(run: Path) -> dict:
+    """Summarize one completed run from run_info.json, final_metrics.json and metrics.jsonl."""
+    info = json.loads((run / "run_info.json").read_text())
+    final = json.loads((run / "final_metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    started = datetime.fromisoformat(info["starts"][0]["time"])
+    finished = datetime.fromtimestamp((run / "final_metrics.json").stat().st_mtime, tz=timezone.utc)
+    wall_s = (finished - started).total_seconds()
+    return {"member": run.name, "model": config["model"], "host": info["starts"][0]["host"],
+            "started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
+            "wall_min": round(wall_s / 60, 1), "steps": final["step"], "samples_seen": final["samples_seen"],
+            "mean_images_per_s": round(final["samples_seen"] / wall_s, 1), "final_loss": final["final_loss"],
+            "code_version": info.get("code_version")}
+
+
+def curve_rows(run: Path) -> list[dict]:
+    return [{"member": run.name, **{column: record.get(column) for column in CURVE_COLUMNS[1:]}}
+            for record in read_jsonl(run / "metrics.jsonl")]
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def machine_facts() -> str:
+    """Describe the CPU, memory and package versions of this machine as Markdown."""
+    import timm
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemTotal"))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return (f"# Machine of the runs in results/\n\n"
+            f"- CPU: {cpu}, {os.cpu_count()} cores visible, no GPU\n"
+            f"- Memory: {memory_kb / 2**20:.1f} GiB\n"
+            f"- OS: {platform.platform()}\n"
+            f"- Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}\n"
+            f"- Code: commit {commit} when these facts were collected; runs.csv gives each run's own commit\n")
+
+
+def main(sweep_dir: str, dest_dir: str) -> None:
+    sweep, dest = Path(sweep_dir), Path(dest_dir)
+    runs = sorted(path.parent for path in sweep.glob("*/final_metrics.json"))
+    if not runs:
+        sys.exit(f"error: no completed run (with final_metrics.json) in {sweep}")
+    write_csv(dest / "runs.csv", RUN_COLUMNS, [run_row(run) for run in runs])
+    write_csv(dest / "training_curves.csv", CURVE_COLUMNS, [row for run in runs for row in curve_rows(run)])
+    (Path(__file__).parent / "machine.md").write_text(machine_facts())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python results/collect.py SWEEP_DIR DEST_DIR")
+    main(*sys.argv[1:])
