@@ -85,7 +85,9 @@ def choose_layer(rows: list[dict]) -> tuple[int, str]:
     if "v1" in by_version and "v2" in by_version:
         gaps = {layer: _mean(by_version["v1"][layer]) - _mean(by_version["v2"][layer]) for layer in shared}
         layer = max(shared, key=lambda k: abs(gaps[k]))
-        return layer, f"the layer with the largest V1 - V2 distance gap, {gaps[layer]:+.3f}"
+        lower = "V1" if gaps[layer] < 0 else "V2"
+        return layer, (f"the layer where V1 and V2 distances differ most ({lower} lower by "
+                       f"{abs(gaps[layer]):.3f})")
 
     means = {layer: _mean([d for per_layer in by_version.values() for d in per_layer[layer]]) for layer in shared}
     layer = min(shared, key=means.get)

@@ -328,7 +328,10 @@ def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigur
                                 layout="constrained")
     counts: dict[str, int] = defaultdict(int)
     all_distances = []
-    for name, rows in sorted(by_member.items(), key=lambda item: (version_order(item[1][0]["version"]), item[0])):
+    # Ordered by size within each version, so the n-th colour of V1 and of V2 marks the same size.
+    ordered = sorted(by_member.items(), key=lambda item: (version_order(item[1][0]["version"]),
+                                                          item[1][0]["encoder_params"], item[0]))
+    for name, rows in ordered:
         version = rows[0]["version"]
         style = line_style(version, counts[version])
         counts[version] += 1
@@ -337,8 +340,10 @@ def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigur
             layer = round(position * (num_layers - 1))
             points = sorted((row["epoch"], row["distance"]) for row in rows if row["layer"] == layer)
             all_distances += [distance for _, distance in points]
+            # Markers on at most about 12 points, so V1's dashes stay visible between them.
             axis.plot([epoch for epoch, _ in points], [distance for _, distance in points],
-                      label=f"{name} ({VERSION_NAMES[version]})" if axis is axes[0, 0] else None, **style)
+                      label=f"{name} ({VERSION_NAMES[version]})" if axis is axes[0, 0] else None,
+                      markevery=max(1, len(points) // 12), **style)
 
     for axis, position in zip(axes[0], positions):
         axis.set_title(_depth_title(position))
@@ -356,7 +361,7 @@ def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigur
 
 def _depth_title(position: float) -> str:
     names = {0.0: " (first block)", 1.0: " (last block)"}
-    return f"normalized depth {position:.2f}{names.get(position, '')}"
+    return f"normalized depth {position:.2f}{names.get(position, ' (nearest block)')}"
 
 
 def _legend_below(figure, axes, columns: int) -> None:

@@ -235,7 +235,7 @@ def test_choose_layer_uses_largest_version_gap():
     layer, reason = choose_layer(rows)
 
     assert layer == 2
-    assert "-0.300" in reason
+    assert "V1 lower by 0.300" in reason
 
 
 def test_choose_layer_without_both_versions_takes_lowest():
@@ -327,7 +327,7 @@ def test_cli_activations_writes_figures(runs, cosine_result):
     result = run_cli("activations", f"{runs['v1']},{runs['v2']}")
 
     assert result.returncode == 0, result.stderr
-    assert "largest V1 - V2 distance gap" in result.stderr
+    assert "the layer where V1 and V2 distances differ most" in result.stderr
     for name in ("activations.png", "activations_v1_atto.png", "activations_v2_atto.png"):
         path = runs["root"] / name
         assert str(path) in result.stdout.splitlines()
