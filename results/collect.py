@@ -13,11 +13,13 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
+# last_step_loss: the loss of the last step alone; last_interval_loss: its mean over the last
+# --log_every steps, as the progress line shows it.
 RUN_COLUMNS = ("member", "model", "host", "started", "finished", "wall_min", "steps", "samples_seen",
-               "mean_images_per_s", "final_loss", "code_version")
+               "mean_images_per_s", "last_step_loss", "last_interval_loss", "code_version")
 CURVE_COLUMNS = ("member", "step", "epoch", "samples_seen", "loss", "lr", "images_per_s")
 
 
@@ -31,12 +33,15 @@ def run_row(run: Path) -> dict:
     final = json.loads((run / "final_metrics.json").read_text())
     config = json.loads((run / "config.json").read_text())
     started = datetime.fromisoformat(info["starts"][0]["time"])
-    finished = datetime.fromtimestamp((run / "final_metrics.json").stat().st_mtime, tz=timezone.utc)
+    # The last progress line is written at the last step; file times would change on copying.
+    last_record = read_jsonl(run / "metrics.jsonl")[-1]
+    finished = datetime.fromisoformat(last_record["time"])
     wall_s = (finished - started).total_seconds()
     return {"member": run.name, "model": config["model"], "host": info["starts"][0]["host"],
             "started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
             "wall_min": round(wall_s / 60, 1), "steps": final["step"], "samples_seen": final["samples_seen"],
-            "mean_images_per_s": round(final["samples_seen"] / wall_s, 1), "final_loss": final["final_loss"],
+            "mean_images_per_s": round(final["samples_seen"] / wall_s, 1), "last_step_loss": final["final_loss"],
+            "last_interval_loss": last_record["loss"],
             "code_version": info.get("code_version")}
 
 
@@ -54,6 +59,7 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 def machine_facts() -> str:
     """Describe the CPU, memory and package versions of this machine as Markdown."""
+    import matplotlib
     import timm
     import torch
 
@@ -63,10 +69,12 @@ def machine_facts() -> str:
                      if line.startswith("MemTotal"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (f"# Machine of the runs in results/\n\n"
+            f"Written by results/collect.py (through results/export.sh) on the machine that made the runs.\n\n"
             f"- CPU: {cpu}, {os.cpu_count()} cores visible, no GPU\n"
             f"- Memory: {memory_kb / 2**20:.1f} GiB\n"
             f"- OS: {platform.platform()}\n"
-            f"- Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}\n"
+            f"- Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"matplotlib {matplotlib.__version__} (figures)\n"
             f"- Code: commit {commit} when these facts were collected; runs.csv gives each run's own commit\n")
 
 

@@ -9,12 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "results"
 EXPERIMENTS = ("atto_v1_v2", "capacity_probe_30ep", "capacity_probe")
 TABLES = ("summary.csv", "layer_distances.csv", "collapse_history.csv")
+MAX_PIXEL_CHANGE = 0.1     # in [0, 1] per channel
+MAX_CHANGED_SHARE = 5e-4   # of the pixels of one figure
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -46,6 +54,24 @@ def test_results_redraw_committed_figures(replotted, experiment):
     assert redrawn == committed
     assert "distance_per_layer.png" in redrawn
     assert "init_vs_trained.png" in redrawn
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_results_figures_match_their_tables(replotted, experiment):
+    # Pixels rather than bytes, because PNG metadata names the matplotlib version. A moved
+    # data point changes a few thousand pixels of a figure; other library versions may
+    # shift anti-aliasing slightly, so a small share of changed pixels is allowed.
+    copy, result = replotted
+    assert result.returncode == 0, result.stderr
+
+    for committed in sorted((RESULTS / experiment / "figures").glob("*.png")):
+        expected = plt.imread(committed)
+        drawn = plt.imread(copy / experiment / "figures" / committed.name)
+        assert drawn.shape == expected.shape, committed.name
+        changed = float((np.abs(drawn - expected).max(axis=-1) > MAX_PIXEL_CHANGE).mean())
+        assert changed <= MAX_CHANGED_SHARE, (
+            f"{committed} differs from the figure its CSV files give ({changed:.2%} of pixels); "
+            f"run '.venv/bin/python -m analysis replot results' and commit the figures")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -15,8 +15,17 @@ COMMON=(--data sample --input_size 128 --mask_ratio 0.6 --epochs 250 --warmup_ep
         --log_every 9 --recon_every 25 --collapse_every 10 --collapse_images 16
         --timeout_min 240 --cluster local --wait)
 
+pids=()
 for model in convnext_atto convnextv2_atto; do
     "$PY" run_with_submitit.py pretrain --model "$model" --output_dir "$OUT/$model" "${COMMON[@]}" \
         > "$OUT.$model.log" 2>&1 &
+    pids+=("$!")
 done
-wait
+status=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || status=1
+done
+if ((status)); then
+    echo "a run failed; see $OUT.convnext_atto.log and $OUT.convnextv2_atto.log" >&2
+fi
+exit "$status"
