@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${FCMAE_VENV:-.venv}/bin/python"
 RUNS="${RESULTS_RUNS:-runs/results}"
 
-for experiment in atto_v1_v2 capacity_probe_30ep capacity_probe; do
+for experiment in atto_v1_v2 atto_v1_v2_seed1 capacity_probe_30ep capacity_probe; do
     sweep="$RUNS/$experiment"
     dest="results/$experiment"
     if [[ ! -d "$sweep" ]]; then

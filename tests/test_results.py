@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "results"
-EXPERIMENTS = ("atto_v1_v2", "capacity_probe_30ep", "capacity_probe")
+EXPERIMENTS = ("atto_v1_v2", "atto_v1_v2_seed1", "capacity_probe_30ep", "capacity_probe")
 TABLES = ("summary.csv", "layer_distances.csv", "collapse_history.csv")
 MAX_PIXEL_CHANGE = 0.1     # in [0, 1] per channel
 MAX_CHANGED_SHARE = 5e-4   # of the pixels of one figure
