@@ -38,7 +38,7 @@ from fcmae.data import AugmentConfig, PretrainDataset, ResumableSampler, resolve
 from fcmae.optim import build_optimizer  # noqa: E402
 from fcmae.registry import ENCODER_STRIDE  # noqa: E402
 
-from pretrain_step import load_average, machine_summary  # noqa: E402
+from pretrain_step import load_average, machine_summary, prepare_device  # noqa: E402
 
 
 def load_batches(args: argparse.Namespace, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -228,11 +228,7 @@ def check_bounds(rows: dict[int, dict], args: argparse.Namespace) -> tuple[dict,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--device {args.device} requested but CUDA is not available; use --device cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args.device, args.threads)
     print("\n".join(machine_summary(device)))
     print(f"{args.model} ({args.encoder_impl} encoder), {args.input_size} px, batch {args.batch_size}, "
           f"{args.steps} steps, lr {args.lr}, mask ratio {args.mask_ratio}, data {args.data}, "

@@ -70,6 +70,16 @@ def load_average() -> str:
         return "unknown"
 
 
+def prepare_device(name: str, threads: int | None) -> torch.device:
+    """Return the torch device of --device and apply --threads; exit if CUDA is requested but missing."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device {name} requested but CUDA is not available; use --device cpu")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return device
+
+
 def machine_summary(device: torch.device) -> list[str]:
     """Describe the hardware and software behind a measurement, one fact per line."""
     flags = cpu_flags()
@@ -546,11 +556,7 @@ def _check_choices(parser: argparse.ArgumentParser, option: str, values: list[st
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"--device {args.device} requested but CUDA is not available; use --device cpu")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args.device, args.threads)
 
     print("\n".join(machine_summary(device)))
     print(f"batch {args.batch_size}, {args.input_size} px, mask ratio {args.mask_ratio}, channels_last, "
