@@ -14,11 +14,11 @@ from pathlib import Path
 
 from analysis import AnalysisError
 from analysis.sweep import HISTORY_CSV, LAYER_CSV, SUMMARY_CSV, SweepTables
+from analysis.sweep_commands import FIGURES_FOLDER
 
 logger = logging.getLogger(__name__)
 
 TABLE_FILES = (SUMMARY_CSV, LAYER_CSV, HISTORY_CSV)
-FIGURES_FOLDER = "figures"
 INTEGER_COLUMNS = {"encoder_params", "epochs", "effective_batch", "input_size", "samples_seen", "num_layers",
                    "num_images", "min_distance_layer", "layer", "stage", "block", "epoch", "step"}
 FLOAT_COLUMNS = {"mask_ratio", "final_loss", "mean_distance", "final_layer_distance", "min_distance",

@@ -7,7 +7,6 @@ results/machine.md with the hardware and software the runs used.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
@@ -15,6 +14,11 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.sweep import write_rows  # noqa: E402
 
 # last_step_loss: the loss of the last step alone; last_interval_loss: its mean over the last
 # --log_every steps, as the progress line shows it.
@@ -50,13 +54,6 @@ def curve_rows(run: Path) -> list[dict]:
             for record in read_jsonl(run / "metrics.jsonl")]
 
 
-def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def machine_facts() -> str:
     """Describe the CPU, memory and package versions of this machine as Markdown."""
     import matplotlib
@@ -83,8 +80,8 @@ def main(sweep_dir: str, dest_dir: str) -> None:
     runs = sorted(path.parent for path in sweep.glob("*/final_metrics.json"))
     if not runs:
         sys.exit(f"error: no completed run (with final_metrics.json) in {sweep}")
-    write_csv(dest / "runs.csv", RUN_COLUMNS, [run_row(run) for run in runs])
-    write_csv(dest / "training_curves.csv", CURVE_COLUMNS, [row for run in runs for row in curve_rows(run)])
+    write_rows(dest / "runs.csv", RUN_COLUMNS, [run_row(run) for run in runs])
+    write_rows(dest / "training_curves.csv", CURVE_COLUMNS, [row for run in runs for row in curve_rows(run)])
     (Path(__file__).parent / "machine.md").write_text(machine_facts())
 
 

@@ -58,9 +58,9 @@ def test_results_redraw_committed_figures(replotted, experiment):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_results_figures_match_their_tables(replotted, experiment):
-    # Pixels rather than bytes, because PNG metadata names the matplotlib version. A moved
-    # data point changes a few thousand pixels of a figure; other library versions may
-    # shift anti-aliasing slightly, so a small share of changed pixels is allowed.
+    # Pixels rather than bytes, because PNG metadata names the matplotlib version.
+    # A moved data point changes thousands of pixels. Other library versions may shift
+    # anti-aliasing slightly, so a small share of changed pixels is allowed.
     copy, result = replotted
     assert result.returncode == 0, result.stderr
 
