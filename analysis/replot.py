@@ -19,8 +19,8 @@ from analysis.sweep_commands import FIGURES_FOLDER
 logger = logging.getLogger(__name__)
 
 TABLE_FILES = (SUMMARY_CSV, LAYER_CSV, HISTORY_CSV)
-INTEGER_COLUMNS = {"encoder_params", "epochs", "effective_batch", "input_size", "samples_seen", "num_layers",
-                   "num_images", "min_distance_layer", "layer", "stage", "block", "epoch", "step"}
+INTEGER_COLUMNS = {"encoder_params", "epochs", "effective_batch", "input_size", "seed", "samples_seen",
+                   "num_layers", "num_images", "min_distance_layer", "layer", "stage", "block", "epoch", "step"}
 FLOAT_COLUMNS = {"mask_ratio", "final_loss", "mean_distance", "final_layer_distance", "min_distance",
                  "normalized_layer", "distance", "dead_fraction"}
 

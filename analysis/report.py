@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from analysis.sweep import ANALYSED, Sweep, SweepTables
+from analysis.sweep import ANALYSED, Sweep, SweepTables, seed_groups
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ TABLE_COLUMNS = (
     ("mask_ratio", "mask ratio", ".2f"),
     ("epochs", "epochs", "d"),
     ("effective_batch", "effective batch", "d"),
+    ("seed", "seed", "d"),
     ("final_loss", "final loss", ".4f"),
     ("mean_distance", "mean distance", ".4f"),
     ("final_layer_distance", "final-layer distance", ".4f"),
@@ -51,6 +53,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(rows: list[dict]) -> str | None:
+    """Format the settings with several seeds among the rows as a Markdown table; None if there are none."""
+    settings = [group for group in seed_groups(rows) if len(group) > 1]
+    if not settings:
+        return None
+    lines = ["| model | mask ratio | epochs | seeds | mean distance | final-layer distance |",
+             "|---|--:|--:|---|--:|--:|"]
+    for group in settings:
+        first = group[0]
+        seeds = ", ".join(str(row["seed"]) for row in sorted(group, key=lambda row: row["seed"]))
+        lines.append(f"| {first['model']} | {format_cell(first['mask_ratio'], '.2f')} | "
+                     f"{format_cell(first['epochs'], 'd')} | {seeds} | {seed_spread(group, 'mean_distance')} | "
+                     f"{seed_spread(group, 'final_layer_distance')} |")
+    return "\n".join(lines)
+
+
+def seed_spread(rows: list[dict], column: str) -> str:
+    """Format one column over a setting's seeds as 'mean ± sample standard deviation (lowest-highest)'."""
+    values = [float(row[column]) for row in rows]
+    return (f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
+            f"({min(values):.4f}-{max(values):.4f})")
+
+
 def write_report(sweep: Sweep, tables: SweepTables, figures: list) -> Path:
     """Write SWEEP_DIR/report.md from the gathered tables and the saved figures."""
     analysed = [row for row in tables.summary if row["status"] == ANALYSED]
@@ -65,6 +90,11 @@ def write_report(sweep: Sweep, tables: SweepTables, figures: list) -> Path:
         lines += ["Members left out:", ""]
         lines += [f"- `{row['member']}` ({row['status']}): {row['note']}" for row in others]
         lines.append("")
+    seeds = seed_table(analysed)
+    if seeds:
+        lines += ["## Across seeds", "",
+                  "Settings analysed with several seeds: mean over the seeds, with the sample standard deviation "
+                  "and the lowest and highest seed in brackets.", "", seeds, ""]
 
     lines += ["## Figures", ""]
     for result in figures:

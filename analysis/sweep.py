@@ -49,11 +49,13 @@ INCOMPLETE = "incomplete"      # training not completed (running, failed or not 
 MISSING = "missing"            # listed in manifest.json, no run folder
 
 MEMBER_COLUMNS = ("member", "model", "version", "size", "encoder_params", "mask_ratio", "epochs",
-                  "effective_batch", "input_size")
+                  "effective_batch", "input_size", "seed")
 SUMMARY_COLUMNS = (*MEMBER_COLUMNS, "status", "final_loss", "samples_seen", "mean_distance",
                    "final_layer_distance", "min_distance", "min_distance_layer", "num_layers",
                    "num_images", "note")
 LAYER_COLUMNS = (*MEMBER_COLUMNS, "layer", "stage", "block", "normalized_layer", "distance", "dead_fraction")
+# Columns that define a setting: members equal in all of them and with distinct seeds are its seeds.
+SETTING_COLUMNS = ("model", "mask_ratio", "epochs", "input_size", "effective_batch")
 HISTORY_COLUMNS = (*MEMBER_COLUMNS, "epoch", "step", "samples_seen", "layer", "stage", "block",
                    "normalized_layer", "distance", "dead_fraction")
 
@@ -263,7 +265,7 @@ def member_facts(member: Member) -> dict:
     return {"member": member.name, "model": model, "version": model_version(model), "size": model_size(model),
             "encoder_params": encoder_parameter_count(model), "mask_ratio": member.config.get("mask_ratio"),
             "epochs": member.config.get("epochs"), "effective_batch": effective_batch(member),
-            "input_size": member.config.get("input_size")}
+            "input_size": member.config.get("input_size"), "seed": member.config.get("seed")}
 
 
 def member_distance_rows(member: Member) -> list[dict]:
@@ -325,7 +327,7 @@ def _skipped_row(member: Member) -> dict:
     row = dict.fromkeys(SUMMARY_COLUMNS)
     row.update(member=member.name, model=member.model, mask_ratio=member.config.get("mask_ratio"),
                epochs=member.config.get("epochs"), input_size=member.config.get("input_size"),
-               status=member.status, note=member.note)
+               seed=member.config.get("seed"), status=member.status, note=member.note)
     return row
 
 
@@ -400,6 +402,37 @@ def _number(value: object, digits: int) -> str:
 
 def _millions(value: object) -> str:
     return "-" if value is None else f"{int(value) / 1e6:.2f}M"
+
+
+# Seed replicates.
+
+def group_rows(rows: list[dict], key) -> dict:
+    """Group rows by a column name or a function of the row, keeping first-seen order."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[key] if isinstance(key, str) else key(row), []).append(row)
+    return groups
+
+
+def setting_key(row: dict) -> tuple:
+    return tuple(row.get(column) for column in SETTING_COLUMNS)
+
+
+def seed_groups(rows: list[dict]) -> list[list[dict]]:
+    """Group rows by setting; a setting's members stay apart unless each has its own known seed.
+
+    Members of one setting that share a seed (or have none, as in tables written before the
+    seed column) differ in something the tables do not record, so they are not averaged.
+    """
+    groups = []
+    for setting_rows in group_rows(rows, setting_key).values():
+        members = group_rows(setting_rows, "member")
+        seeds = {member_rows[0].get("seed") for member_rows in members.values()}
+        if None in seeds or len(seeds) < len(members):
+            groups += list(members.values())
+        else:
+            groups.append(setting_rows)
+    return groups
 
 
 # Measuring the members that lack distances.

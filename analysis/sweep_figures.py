@@ -5,6 +5,9 @@ colour blindness: ConvNeXt V1 in warm colours with dashed lines and square-like 
 in cool colours with solid lines and round-like markers, so the versions differ in colour,
 line style and marker. Fonts are 7-8 pt sans-serif, sized for a two-column paper page, and PDFs embed
 TrueType fonts (pdf.fonttype 42). A figure whose data is absent is skipped with the reason.
+
+Members that differ only in their seed are one setting: the line figures draw the setting's
+mean over its seeds and shade the band between its lowest and highest seed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.lines import Line2D  # noqa: E402
 
-from analysis.sweep import Sweep, SweepTables  # noqa: E402
+from analysis.sweep import Sweep, SweepTables, group_rows, seed_groups  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ VERSION_NAMES = {"v1": "ConvNeXt V1", "v2": "ConvNeXt V2"}
 VERSION_MARKERS = {"v1": ("s", "D", "v", "X"), "v2": ("o", "^", "P", "*")}
 # Parameters that may vary between members besides version, size and mask ratio.
 VARIANT_COLUMNS = (("epochs", "ep"), ("input_size", "px"), ("effective_batch", "batch"))
+SEED_BAND_ALPHA = 0.2
 # Mask ratio of ConvNeXt V2's FCMAE recipe (Woo et al., CVPR 2023). The activation figure prefers it.
 DEFAULT_MASK_RATIO = 0.6
 
@@ -130,6 +134,73 @@ def _distance_limits(values: list[float]) -> tuple[float, float]:
     return 0.0, max(0.55, 1.05 * max(values, default=0.0))
 
 
+# Seed replicates.
+
+@dataclass
+class SeedCurve:
+    """One setting's values along x: the mean over its seeds and the lowest and highest seed."""
+
+    first: dict
+    seeds: int
+    x: list[float]
+    mean: list[float]
+    low: list[float]
+    high: list[float]
+
+
+def seed_curve(rows: list[dict], x, y: str) -> SeedCurve:
+    """Average one setting's rows over its seeds at each x (a column name or a function of the row)."""
+    by_x: dict = defaultdict(list)
+    for row in rows:
+        by_x[row[x] if isinstance(x, str) else x(row)].append(row[y])
+    xs = sorted(by_x)
+    return SeedCurve(first=rows[0], seeds=len({row["member"] for row in rows}), x=xs,
+                     mean=[sum(by_x[value]) / len(by_x[value]) for value in xs],
+                     low=[min(by_x[value]) for value in xs], high=[max(by_x[value]) for value in xs])
+
+
+def summary_curve(rows: list[dict], x, y: str) -> SeedCurve:
+    """Build one line through summary rows of several settings (one per x), averaged over each setting's seeds."""
+    curve = seed_curve(rows, x, y)
+    curve.seeds = max(len(group) for group in seed_groups(rows))
+    return curve
+
+
+def draw_curve(axis, curve: SeedCurve, style: dict, **extra) -> None:
+    """Plot the mean line, and the band between the lowest and highest seed where there are several."""
+    axis.plot(curve.x, curve.mean, **style, **extra)
+    if curve.seeds > 1:
+        axis.fill_between(curve.x, curve.low, curve.high, color=style["color"], alpha=SEED_BAND_ALPHA, linewidth=0)
+
+
+def seeds_sentence(curves: list[SeedCurve]) -> str:
+    """Return the caption sentence on seeds, or an empty string when every setting has one seed."""
+    counts = sorted({curve.seeds for curve in curves})
+    if counts[-1] < 2:
+        return ""
+    if len(counts) == 1:
+        return (f" Each line is the mean over the {counts[0]} seeds of its setting; the shaded band spans the "
+                f"lowest to the highest seed.")
+    several = [count for count in counts if count > 1]
+    number = str(several[0]) if len(several) == 1 else f"{several[0]}-{several[-1]}"
+    return (f" Settings with several seeds ({number}) are drawn as the mean over their seeds, with a shaded "
+            f"band from the lowest to the highest seed.")
+
+
+def setting_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """Return the mask ratio and VARIANT_COLUMNS columns whose values differ between the rows."""
+    return [(column, unit) for column, unit in (("mask_ratio", "mask ratio"), *VARIANT_COLUMNS)
+            if len({row.get(column) for row in rows}) > 1]
+
+
+def setting_label(curve: SeedCurve, varying: list[tuple[str, str]]) -> str:
+    """Name a setting: its member name for one seed, else its model and varying columns with the seed count."""
+    if curve.seeds == 1:
+        return curve.first["member"]
+    parts = [curve.first["model"], *(f"{curve.first.get(column)} {unit}" for column, unit in varying)]
+    return f"{', '.join(parts)}; {curve.seeds} seeds"
+
+
 # 1. Distance per layer.
 
 def distance_per_layer(layers: list[dict]) -> SweepFigure:
@@ -139,7 +210,7 @@ def distance_per_layer(layers: list[dict]) -> SweepFigure:
         result.skip_reason = "no member has per-layer distances (run 'python -m analysis aggregate')"
         return result
 
-    by_member = _group(layers, "member")
+    by_member = group_rows(layers, "member")
     members = list(by_member.values())
     sizes = size_order(layers)
     ratios = sorted({rows[0]["mask_ratio"] for rows in members})
@@ -150,10 +221,14 @@ def distance_per_layer(layers: list[dict]) -> SweepFigure:
     figure, axes = plt.subplots(rows_count, columns, figsize=(width, 0.6 + 1.75 * rows_count), sharex=True,
                                 sharey=True, squeeze=False, layout="constrained")
     legend_entries: dict[str, dict] = {}
+    settings = [seed_curve(rows, "normalized_layer", "distance") for rows in seed_groups(layers)]
+    curves = []
     for row_index, ratio in enumerate(ratios):
         for column_index, size in enumerate(sizes):
-            cell = [rows for rows in members if rows[0]["size"] == size and rows[0]["mask_ratio"] == ratio]
+            cell = [curve for curve in settings
+                    if curve.first["size"] == size and curve.first["mask_ratio"] == ratio]
             _draw_layer_panel(axes[row_index, column_index], cell, variants, legend_entries)
+            curves += cell
     _label_grid(axes, [_size_title(size, layers) for size in sizes], [f"mask {ratio:.2f}" for ratio in ratios])
 
     low, high = _distance_limits([row["distance"] for row in layers])
@@ -166,22 +241,21 @@ def distance_per_layer(layers: list[dict]) -> SweepFigure:
     result.figure = figure
     result.caption = ("Feature cosine distance of every block's MLP features against its normalized depth, "
                       "one panel per model size (columns) and mask ratio (rows). Low values mean the "
-                      "channels point the same way (feature collapse).")
+                      "channels point the same way (feature collapse)." + seeds_sentence(curves))
     return result
 
 
-def _draw_layer_panel(axes, cell: list[list[dict]], variants, legend_entries: dict) -> None:
+def _draw_layer_panel(axes, cell: list[SeedCurve], variants, legend_entries: dict) -> None:
     if not cell:
         axes.text(0.5, 0.5, "no run", transform=axes.transAxes, ha="center", va="center", color="0.5")
         return
     counts: dict[str, int] = defaultdict(int)
     # V2 first, so the dashed V1 line stays visible where the two overlap.
-    for rows in sorted(cell, key=lambda rows: (-version_order(rows[0]["version"]), rows[0]["member"])):
-        first = rows[0]
+    for curve in sorted(cell, key=lambda curve: (-version_order(curve.first["version"]), curve.first["member"])):
+        first = curve.first
         style = line_style(first["version"], counts[first["version"]])
         counts[first["version"]] += 1
-        rows = sorted(rows, key=lambda row: row["layer"])
-        axes.plot([row["normalized_layer"] for row in rows], [row["distance"] for row in rows], **style)
+        draw_curve(axes, curve, style)
         label = VERSION_NAMES[first["version"]]
         if variants:
             label += f" ({variant_label(first, variants)})"
@@ -227,16 +301,17 @@ def capacity(summary: list[dict]) -> SweepFigure:
     ratios = ratio_order(rows)
     variants = varying_columns(rows)
     figure, axes = plt.subplots(1, 2, figsize=(FULL_WIDTH, 2.6), sharey=True, layout="constrained")
-    lines = _group(rows, lambda row: (row["version"], row["mask_ratio"], variant_label(row, variants)))
+    lines = group_rows(rows, lambda row: (row["version"], row["mask_ratio"], variant_label(row, variants)))
+    curves = []
     for (version, ratio, variant), line_rows in sorted(lines.items(), key=lambda item: (
             version_order(item[0][0]), item[0][1], item[0][2])):
         index = ratios.index(ratio) + len(ratios) * _variant_index(rows, variants, line_rows[0])
         style = line_style(version, index)
         label = f"{VERSION_NAMES[version]}, mask {ratio:.2f}" + (f", {variant}" if variant else "")
-        line_rows = sorted(line_rows, key=lambda row: row["encoder_params"])
         for axis, (column, _, _) in zip(axes, SUMMARY_PANELS):
-            axis.plot([row["encoder_params"] / 1e6 for row in line_rows], [row[column] for row in line_rows],
-                      label=label if axis is axes[0] else None, **style)
+            curve = summary_curve(line_rows, lambda row: row["encoder_params"] / 1e6, column)
+            draw_curve(axis, curve, style, label=label if axis is axes[0] else None)
+            curves.append(curve)
 
     ticks = _size_ticks(rows)
     for axis, (column, title, _) in zip(axes, SUMMARY_PANELS):
@@ -251,12 +326,12 @@ def capacity(summary: list[dict]) -> SweepFigure:
 
     result.figure = figure
     result.caption = ("Final-layer and mean feature cosine distance against the number of encoder parameters "
-                      "(no classifier), one line per version and mask ratio.")
+                      "(no classifier), one line per version and mask ratio." + seeds_sentence(curves))
     return result
 
 
 def _size_ticks(rows: list[dict]) -> list[tuple[float, str]]:
-    by_size = _group(rows, "size")
+    by_size = group_rows(rows, "size")
     ticks = []
     for size, size_rows in by_size.items():
         params = sum(row["encoder_params"] for row in size_rows) / len(size_rows)
@@ -285,8 +360,9 @@ def mask_ratio(summary: list[dict]) -> SweepFigure:
     figure, axes = plt.subplots(len(SUMMARY_PANELS), len(sizes), figsize=(width, 3.6), sharex=True, sharey=True,
                                 squeeze=False, layout="constrained")
     legend_entries: dict[str, dict] = {}
+    curves = []
     for column_index, size in enumerate(sizes):
-        lines = _group([row for row in rows if row["size"] == size],
+        lines = group_rows([row for row in rows if row["size"] == size],
                        lambda row: (row["version"], variant_label(row, variants)))
         counts: dict[str, int] = defaultdict(int)
         for (version, variant), line_rows in sorted(lines.items(), key=lambda item: (-version_order(item[0][0]),
@@ -294,10 +370,10 @@ def mask_ratio(summary: list[dict]) -> SweepFigure:
             style = line_style(version, counts[version])
             counts[version] += 1
             legend_entries.setdefault(VERSION_NAMES[version] + (f" ({variant})" if variant else ""), style)
-            line_rows = sorted(line_rows, key=lambda row: row["mask_ratio"])
             for row_index, (column, _, _) in enumerate(SUMMARY_PANELS):
-                axes[row_index, column_index].plot([row["mask_ratio"] for row in line_rows],
-                                                   [row[column] for row in line_rows], **style)
+                curve = summary_curve(line_rows, "mask_ratio", column)
+                draw_curve(axes[row_index, column_index], curve, style)
+                curves.append(curve)
 
     _label_grid(axes, [_size_title(size, rows) for size in sizes], [label for _, _, label in SUMMARY_PANELS])
     axes[0, 0].set_xticks(sorted(ratios))
@@ -308,7 +384,7 @@ def mask_ratio(summary: list[dict]) -> SweepFigure:
 
     result.figure = figure
     result.caption = ("Final-layer (top) and mean (bottom) feature cosine distance against the FCMAE mask "
-                      "ratio, one column per model size.")
+                      "ratio, one column per model size." + seeds_sentence(curves))
     return result
 
 
@@ -317,7 +393,7 @@ def mask_ratio(summary: list[dict]) -> SweepFigure:
 def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigure:
     """Distance against training epoch at chosen normalized depths, one line per member."""
     result = SweepFigure("distance_vs_epoch", "Feature cosine distance during training")
-    by_member = {name: rows for name, rows in _group(history, "member").items()
+    by_member = {name: rows for name, rows in group_rows(history, "member").items()
                  if len({row["step"] for row in rows}) >= 2}
     if not by_member:
         result.skip_reason = ("no member has at least two in-training measurements in collapse.jsonl "
@@ -327,23 +403,26 @@ def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigur
     figure, axes = plt.subplots(1, len(positions), figsize=(FULL_WIDTH, 2.4), sharey=True, squeeze=False,
                                 layout="constrained")
     counts: dict[str, int] = defaultdict(int)
-    all_distances = []
+    all_distances, curves = [], []
+    settings = seed_groups([row for rows in by_member.values() for row in rows])
+    varying = setting_columns([rows[0] for rows in settings])
     # Ordered by size within each version, so the n-th colour of V1 and of V2 marks the same size.
-    ordered = sorted(by_member.items(), key=lambda item: (version_order(item[1][0]["version"]),
-                                                          item[1][0]["encoder_params"], item[0]))
-    for name, rows in ordered:
+    ordered = sorted(settings, key=lambda rows: (version_order(rows[0]["version"]), rows[0]["encoder_params"],
+                                                 rows[0]["member"]))
+    for rows in ordered:
         version = rows[0]["version"]
         style = line_style(version, counts[version])
         counts[version] += 1
         num_layers = max(row["layer"] for row in rows) + 1
         for axis, position in zip(axes[0], positions):
             layer = round(position * (num_layers - 1))
-            points = sorted((row["epoch"], row["distance"]) for row in rows if row["layer"] == layer)
-            all_distances += [distance for _, distance in points]
+            curve = seed_curve([row for row in rows if row["layer"] == layer], "epoch", "distance")
+            all_distances += curve.high
             # Markers on at most about 12 points, so V1's dashes stay visible between them.
-            axis.plot([epoch for epoch, _ in points], [distance for _, distance in points],
-                      label=f"{name} ({VERSION_NAMES[version]})" if axis is axes[0, 0] else None,
-                      markevery=max(1, len(points) // 12), **style)
+            label = f"{setting_label(curve, varying)} ({VERSION_NAMES[version]})"
+            draw_curve(axis, curve, style, label=label if axis is axes[0, 0] else None,
+                       markevery=max(1, len(curve.x) // 12))
+            curves.append(curve)
 
     for axis, position in zip(axes[0], positions):
         axis.set_title(_depth_title(position))
@@ -355,7 +434,8 @@ def distance_vs_epoch(history: list[dict], positions: list[float]) -> SweepFigur
 
     result.figure = figure
     result.caption = ("Feature cosine distance measured during pretraining (collapse.jsonl) for the block "
-                      "nearest to each normalized depth, one line per member; epoch 0 is the initialization.")
+                      "nearest to each normalized depth, one line per member; epoch 0 is the initialization."
+                      + seeds_sentence(curves))
     return result
 
 
@@ -375,24 +455,26 @@ def _legend_below(figure, axes, columns: int) -> None:
 def init_vs_trained(history: list[dict]) -> SweepFigure:
     """Distance per layer of the random initialization (epoch 0) and of the last measurement, per member."""
     result = SweepFigure("init_vs_trained", "Feature cosine distance before and after pretraining")
-    by_member = {name: rows for name, rows in _group(history, "member").items()
+    by_member = {name: rows for name, rows in group_rows(history, "member").items()
                  if min(row["epoch"] for row in rows) == 0 and max(row["epoch"] for row in rows) > 0}
     if not by_member:
         result.skip_reason = ("no member has an epoch-0 and a later measurement in collapse.jsonl "
                               "(enable --collapse_every in pretraining)")
         return result
 
-    sizes = size_order([rows[0] for rows in by_member.values()])
+    settings = seed_groups([row for rows in by_member.values() for row in rows])
+    sizes = size_order([rows[0] for rows in settings])
     figure, axes = plt.subplots(1, len(sizes), figsize=(FULL_WIDTH if len(sizes) > 1 else COLUMN_WIDTH, 2.6),
                                 sharey=True, squeeze=False, layout="constrained")
     legend_entries: dict[str, dict] = {}
-    # Version names label the lines unless a size has several members of one version.
-    pairs = [(rows[0]["size"], rows[0]["version"]) for rows in by_member.values()]
-    by_name = len(set(pairs)) < len(pairs)
+    curves: list[SeedCurve] = []
+    # Version names label the lines unless a size has several settings of one version.
+    pairs = [(rows[0]["size"], rows[0]["version"]) for rows in settings]
+    varying = setting_columns([rows[0] for rows in settings]) if len(set(pairs)) < len(pairs) else None
     for axis, size in zip(axes[0], sizes):
-        members = {name: rows for name, rows in by_member.items() if rows[0]["size"] == size}
-        _draw_init_panel(axis, members, legend_entries, by_name)
-        axis.set_title(_size_title(size, [rows[0] for rows in members.values()]))
+        in_size = [rows for rows in settings if rows[0]["size"] == size]
+        curves += _draw_init_panel(axis, in_size, legend_entries, varying)
+        axis.set_title(_size_title(size, [rows[0] for rows in in_size]))
         axis.set_xlabel("normalized layer index")
     axes[0, 0].set_ylabel(DISTANCE_LABEL)
     axes[0, 0].set_ylim(*_distance_limits([row["distance"] for rows in by_member.values() for row in rows]))
@@ -401,25 +483,29 @@ def init_vs_trained(history: list[dict]) -> SweepFigure:
     result.figure = figure
     result.caption = ("Feature cosine distance per block of the randomly initialized encoder (epoch 0, thin "
                       "lines, hollow markers) and at the last in-training measurement (thick lines), "
-                      "on the same images.")
+                      "on the same images." + seeds_sentence(curves))
     return result
 
 
-def _draw_init_panel(axis, members: dict[str, list[dict]], legend_entries: dict, by_name: bool) -> None:
+def _draw_init_panel(axis, settings: list[list[dict]], legend_entries: dict,
+                     varying: list[tuple[str, str]] | None) -> list[SeedCurve]:
+    """Draw each setting's init and trained lines; label them by setting when `varying` is given."""
     counts: dict[str, int] = defaultdict(int)
-    ordered = sorted(members.items(), key=lambda item: (-version_order(item[1][0]["version"]), item[0]))
-    for name, rows in ordered:
+    curves = []
+    for rows in sorted(settings, key=lambda rows: (-version_order(rows[0]["version"]), rows[0]["member"])):
         version = rows[0]["version"]
         style = line_style(version, counts[version])
         counts[version] += 1
         last_epoch = max(row["epoch"] for row in rows)
         for epoch, weight in ((0, "init"), (last_epoch, "trained")):
-            points = sorted((row["normalized_layer"], row["distance"]) for row in rows if row["epoch"] == epoch)
+            curve = seed_curve([row for row in rows if row["epoch"] == epoch], "normalized_layer", "distance")
             drawn = dict(style, linewidth=0.7, markerfacecolor="none", alpha=0.8) if weight == "init" else style
-            axis.plot([x for x, _ in points], [y for _, y in points], **drawn)
+            draw_curve(axis, curve, drawn)
             stage = "random init" if weight == "init" else f"epoch {last_epoch}"
-            label = f"{name if by_name else VERSION_NAMES[version]}, {stage}"
+            label = f"{VERSION_NAMES[version] if varying is None else setting_label(curve, varying)}, {stage}"
             legend_entries.setdefault(label, drawn)
+            curves.append(curve)
+    return curves
 
 
 # 2. Activation grids.
@@ -525,11 +611,3 @@ def close_figures(results: list[SweepFigure]) -> None:
         if result.figure is not None:
             plt.close(result.figure)
             result.figure = None
-
-
-def _group(rows: list[dict], key) -> dict:
-    """Group rows by a column name or a function of the row, keeping first-seen order."""
-    groups: dict = {}
-    for row in rows:
-        groups.setdefault(row[key] if isinstance(key, str) else key(row), []).append(row)
-    return groups

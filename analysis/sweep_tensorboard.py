@@ -25,7 +25,7 @@ SUMMARY_RUN = Path("tensorboard") / "summary"
 ANALYSIS_SUFFIX = ".analysis"
 EVENT_PATTERN = "events.out.tfevents.*"
 
-HPARAM_COLUMNS = ("model", "version", "size", "encoder_params", "mask_ratio", "epochs", "effective_batch")
+HPARAM_COLUMNS = ("model", "version", "size", "encoder_params", "mask_ratio", "epochs", "effective_batch", "seed")
 METRIC_COLUMNS = ("final_loss", "mean_distance", "final_layer_distance", "min_distance")
 METRIC_TAG_PREFIX = "hparams/"
 LAYER_DISTANCE_TAG = "analysis/distance_by_layer"

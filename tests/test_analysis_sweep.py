@@ -29,7 +29,7 @@ NOT_STARTED = ("convnextv2_pico", 0.6)
 FIGURES = ("distance_per_layer", "activations_atto", "capacity", "distance_vs_epoch", "init_vs_trained",
            "mask_ratio")
 METRICS = ("hparams/final_loss", "hparams/mean_distance", "hparams/final_layer_distance", "hparams/min_distance")
-HPARAMS = {"model", "version", "size", "encoder_params", "mask_ratio", "epochs", "effective_batch"}
+HPARAMS = {"model", "version", "size", "encoder_params", "mask_ratio", "epochs", "effective_batch", "seed"}
 
 
 def member_name(model: str, mask_ratio: float) -> str:
@@ -165,6 +165,7 @@ def test_summary_csv_numbers_match_member_csv(sweep_dir, aggregated):
         assert float(row["final_layer_distance"]) == pytest.approx(distances[-1])
         assert float(row["min_distance"]) == pytest.approx(min(distances))
         assert float(row["final_loss"]) > 0
+        assert int(row["seed"]) == 0
     assert int(rows["convnextv2_femto-mr0.60"]["encoder_params"]) > int(rows["convnextv2_atto-mr0.60"]["encoder_params"])
 
 
@@ -386,3 +387,100 @@ def test_replot_rejects_folder_without_tables(sweep_dir, aggregated, tmp_path):
     missing = run_cli("replot", str(partial))
     assert missing.returncode == 2
     assert "is missing layer_distances.csv, collapse_history.csv" in missing.stderr
+
+
+# Seed replicates.
+
+V1_ATTO = member_name("convnext_atto", 0.6)
+
+
+def with_copy(tables, member: str, seed, shift: float):
+    """Add a copy of one member as another run of its setting with the given seed, distances raised by shift."""
+    from analysis.sweep import SweepTables
+
+    def copies(rows: list[dict], columns: tuple[str, ...]) -> list[dict]:
+        return [{**row, "member": f"{member}-copy", "seed": seed, **{column: row[column] + shift for column in columns}}
+                for row in rows if row["member"] == member]
+
+    return SweepTables(summary=tables.summary + copies(tables.summary, ("mean_distance", "final_layer_distance")),
+                       layers=tables.layers + copies(tables.layers, ("distance",)),
+                       history=tables.history + copies(tables.history, ("distance",)))
+
+
+def drawn_lines(figure) -> set[tuple[float, ...]]:
+    return {tuple(round(float(y), 9) for y in line.get_ydata()) for axis in figure.axes for line in axis.lines}
+
+
+def member_distances(tables, member: str) -> list[float]:
+    return [row["distance"] for row in sorted((row for row in tables.layers if row["member"] == member),
+                                              key=lambda row: row["layer"])]
+
+
+def test_seed_band_around_mean_line(sweep_dir, aggregated):
+    from analysis.replot import read_tables
+    from analysis.sweep_figures import close_figures, table_figures
+
+    assert aggregated.returncode == 0, aggregated.stderr
+    tables = with_copy(read_tables(sweep_dir), V1_ATTO, seed=1, shift=0.02)
+    results = table_figures(tables, [0.0, 1.0])
+    try:
+        per_layer, capacity = results[0], results[1]
+        original = member_distances(tables, V1_ATTO)
+        lines = drawn_lines(per_layer.figure)
+        bands = [collection.get_paths()[0].vertices[:, 1] for axis in per_layer.figure.axes
+                 for collection in axis.collections]
+        capacity_lines = drawn_lines(capacity.figure)
+    finally:
+        close_figures(results)
+
+    assert tuple(round(distance + 0.01, 9) for distance in original) in lines
+    assert tuple(round(distance, 9) for distance in original) not in lines
+    assert len(bands) == 1
+    assert min(bands[0]) == pytest.approx(min(original))
+    assert max(bands[0]) == pytest.approx(max(original) + 0.02)
+    assert "Settings with several seeds (2) are drawn as the mean over their seeds" in per_layer.caption
+    final = next(row["final_layer_distance"] for row in tables.summary if row["member"] == V1_ATTO)
+    assert (round(final + 0.01, 9),) in capacity_lines
+
+
+@pytest.mark.parametrize("seed", [0, None])
+def test_shared_seeds_stay_apart(sweep_dir, aggregated, seed):
+    from analysis.replot import read_tables
+    from analysis.sweep_figures import close_figures, table_figures
+
+    assert aggregated.returncode == 0, aggregated.stderr
+    tables = with_copy(read_tables(sweep_dir), V1_ATTO, seed=seed, shift=0.02)
+    if seed is None:
+        for row in tables.layers:
+            row["seed"] = None
+    results = table_figures(tables, [0.0, 1.0])
+    try:
+        lines = drawn_lines(results[0].figure)
+        bands = sum(len(axis.collections) for axis in results[0].figure.axes)
+    finally:
+        close_figures(results)
+
+    original = member_distances(tables, V1_ATTO)
+    assert tuple(round(distance, 9) for distance in original) in lines
+    assert tuple(round(distance + 0.02, 9) for distance in original) in lines
+    assert bands == 0
+    assert "seeds" not in results[0].caption
+
+
+def test_report_seed_table(sweep_dir, aggregated):
+    import statistics
+
+    from analysis.replot import read_tables
+    from analysis.report import seed_table
+
+    assert aggregated.returncode == 0, aggregated.stderr
+    tables = with_copy(read_tables(sweep_dir), V1_ATTO, seed=1, shift=0.02)
+    analysed = [row for row in tables.summary if row["status"] == "analysed"]
+
+    table = seed_table(analysed)
+
+    means = [row["mean_distance"] for row in analysed if row["member"].startswith(V1_ATTO)]
+    assert len(table.splitlines()) == 3
+    assert (f"| convnext_atto | 0.60 | 1 | 0, 1 | {statistics.mean(means):.4f} ± {statistics.stdev(means):.4f} "
+            f"({min(means):.4f}-{max(means):.4f}) |") in table
+    assert seed_table([row for row in analysed if not row["member"].endswith("-copy")]) is None
