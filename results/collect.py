@@ -1,8 +1,9 @@
 """Write the per-run facts of a results sweep folder: wall time, throughput and training curve.
 
 Usage: python results/collect.py SWEEP_DIR DEST_DIR. Writes DEST_DIR/runs.csv (one row per
-completed run) and DEST_DIR/training_curves.csv (the logged steps of every run), and
-results/machine.md with the hardware and software the runs used.
+completed run), DEST_DIR/training_curves.csv (the logged steps of every run) and
+DEST_DIR/machine.md with the hardware and software of this machine, which must be the one
+that made the runs.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def machine_facts() -> str:
     memory_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                      if line.startswith("MemTotal"))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return (f"# Machine of the runs in results/\n\n"
+    return (f"# Machine of the runs in this folder\n\n"
             f"Written by results/collect.py (through results/export.sh) on the machine that made the runs.\n\n"
             f"- CPU: {cpu}, {os.cpu_count()} cores visible, no GPU\n"
             f"- Memory: {memory_kb / 2**20:.1f} GiB\n"
@@ -82,7 +83,7 @@ def main(sweep_dir: str, dest_dir: str) -> None:
         sys.exit(f"error: no completed run (with final_metrics.json) in {sweep}")
     write_rows(dest / "runs.csv", RUN_COLUMNS, [run_row(run) for run in runs])
     write_rows(dest / "training_curves.csv", CURVE_COLUMNS, [row for run in runs for row in curve_rows(run)])
-    (Path(__file__).parent / "machine.md").write_text(machine_facts())
+    (dest / "machine.md").write_text(machine_facts())
 
 
 if __name__ == "__main__":
