@@ -22,6 +22,7 @@ from jobs.pretrain import PretrainJob
 from jobs.status import last_error_line, newest_checkpoint, slurm_state
 
 from fcmae.config import PretrainConfig
+from fcmae.optim import scaled_lr
 
 from .spec import Member, SweepError, SweepSpec, make_resources
 
@@ -125,13 +126,16 @@ def archive_member(run_dir: Path) -> None:
 
 
 def dry_run_table(members: list[Member], pending: list[Member], sweep_dir: Path) -> str:
-    header = f"{'member':<34} {'model':<18} {'mask':>5} {'nodes':>5} {'tasks':>5} {'gpus':>4} {'time':>6}  status"
+    header = (f"{'member':<34} {'model':<18} {'mask':>5} {'epochs':>6} {'batch':>6} {'lr':>8} {'nodes':>5} "
+              f"{'tasks':>5} {'gpus':>4} {'time':>6}  status")
     lines = [f"# dry run: nothing submitted; sweep folder {sweep_dir}", header]
     for m in members:
         r = m.resources
         state = "to submit" if m in pending else "submitted"
-        lines.append(f"{m.name:<34} {m.config.model:<18} {m.config.mask_ratio:>5.2f} {r.nodes:>5} "
-                     f"{r.tasks_per_node:>5} {r.gpus_per_node:>4} {r.timeout_min:>6}  {state}")
+        batch, lr = member_batch_and_lr(m)
+        lines.append(f"{m.name:<34} {m.config.model:<18} {m.config.mask_ratio:>5.2f} {m.config.epochs:>6} "
+                     f"{batch:>6} {lr:>8.2e} {r.nodes:>5} {r.tasks_per_node:>5} {r.gpus_per_node:>4} "
+                     f"{r.timeout_min:>6}  {state}")
     lines.append(f"{len(members)} members, {len(pending)} to submit, in {len(group_by_resources(pending))} "
                  f"job array(s)")
     for group in group_by_resources(members).values():
@@ -140,6 +144,13 @@ def dry_run_table(members: list[Member], pending: list[Member], sweep_dir: Path)
     for problem in data_problems:
         lines.append(f"warning: {problem}; 'sweep launch' will reject it")
     return "\n".join(lines)
+
+
+def member_batch_and_lr(member: Member) -> tuple[int, float]:
+    """Return the member's effective batch (images per optimizer step) and the peak lr it trains with."""
+    config, resources = member.config, member.resources
+    batch = config.batch_size * config.update_freq * resources.nodes * resources.tasks_per_node
+    return batch, config.lr if config.lr is not None else scaled_lr(config.blr, batch)
 
 
 def data_problem(member: Member) -> str | None:

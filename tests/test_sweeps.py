@@ -34,7 +34,20 @@ def test_capacity_dry_run_lists_48_members(tmp_path):
     assert len({row[0] for row in rows}) == 48
     assert "convnextv2_pico-mr0.60" in {row[0] for row in rows}
     assert "48 members, 48 to submit" in result.stdout
+    assert {row[3] for row in rows} == {"800"}       # epochs
+    assert {row[4] for row in rows} == {"4096"}      # effective batch
+    assert {row[5] for row in rows} == {"2.40e-03"}  # blr 1.5e-4 x 4096 / 256
     assert not (tmp_path / "cap").exists()
+
+
+def test_dry_run_shows_seeds_and_absolute_lr(tmp_path):
+    sweep_file = ROOT / "results" / "capacity_probe_30ep_seeds" / "sweep.yaml"
+    result = cli("launch", str(sweep_file), "--sweep_dir", str(tmp_path / "seeds"), "--dry_run")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("convnext")]
+    assert [row[0] for row in rows[:3]] == ["convnext_atto-seed0", "convnext_atto-seed1", "convnext_atto-seed2"]
+    assert len(rows) == 12
+    assert {(row[3], row[4], row[5]) for row in rows} == {("30", "32", "1.50e-03")}
 
 
 def test_member_folders_are_distinct_and_named_from_parameters(tmp_path):
