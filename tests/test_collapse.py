@@ -194,8 +194,11 @@ def test_layer_distances_independent_of_batch_size():
     assert len(in_batches_of_two) == 12
     assert [r.layer for r in in_batches_of_two] == list(range(12))
     assert in_batches_of_two[0].num_images == 5
+    # The encoder runs in float32, and oneDNN may pick other convolution kernels for another
+    # batch size (seen: 1e-9 apart on an AMD EPYC). Pooling images across a batch would move
+    # the distance by far more than 1e-6.
     for a, b in zip(in_batches_of_two, in_one_batch):
-        assert a.distance == pytest.approx(b.distance, abs=1e-9)
+        assert a.distance == pytest.approx(b.distance, abs=1e-6)
         assert 0.0 <= a.distance <= 1.0
     assert encoder.training, "layer_distances must restore the training flag"
 
