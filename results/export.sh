@@ -7,7 +7,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${FCMAE_VENV:-.venv}/bin/python"
 RUNS="${RESULTS_RUNS:-runs/results}"
 
-for experiment in atto_v1_v2 atto_v1_v2_seed1 capacity_probe_30ep capacity_probe; do
+for experiment in atto_v1_v2 atto_v1_v2_seed1 capacity_probe_30ep capacity_probe capacity_probe_30ep_seeds; do
     sweep="$RUNS/$experiment"
     dest="results/$experiment"
     if [[ ! -d "$sweep" ]]; then
@@ -20,6 +20,13 @@ for experiment in atto_v1_v2 atto_v1_v2_seed1 capacity_probe_30ep capacity_probe
     mkdir -p "$dest/activations"
     cp "$sweep"/figures/activations_*.png "$dest/activations/"
     "$PY" results/collect.py "$sweep" "$dest"
+done
+
+# Measured on images outside the training photos, for the experiments that have such a table.
+for experiment in capacity_probe_30ep_seeds; do
+    if [[ -d "$RUNS/$experiment" ]]; then
+        bash results/measure_heldout.sh "$experiment" > /dev/null
+    fi
 done
 
 "$PY" -m analysis replot results

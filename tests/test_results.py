@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "results"
-EXPERIMENTS = ("atto_v1_v2", "atto_v1_v2_seed1", "capacity_probe_30ep", "capacity_probe")
+EXPERIMENTS = ("atto_v1_v2", "atto_v1_v2_seed1", "capacity_probe_30ep", "capacity_probe",
+               "capacity_probe_30ep_seeds")
 TABLES = ("summary.csv", "layer_distances.csv", "collapse_history.csv")
 MAX_PIXEL_CHANGE = 0.1     # in [0, 1] per channel
 MAX_CHANGED_SHARE = 5e-4   # of the pixels of one figure
@@ -102,3 +103,26 @@ def test_capacity_probe_uses_equal_steps(experiment):
     runs = read_rows(RESULTS / experiment / "runs.csv")
     assert len({row["steps"] for row in runs}) == 1
     assert {row["model"].split("_")[1] for row in runs} == {"atto", "pico", "nano"}
+
+
+def test_seed_probe_has_three_seeds_per_setting():
+    summary = read_rows(RESULTS / "capacity_probe_30ep_seeds" / "summary.csv")
+    seeds = {}
+    for row in summary:
+        seeds.setdefault(row["model"], set()).add(int(row["seed"]))
+    assert sorted(seeds) == ["convnext_atto", "convnext_pico", "convnextv2_atto", "convnextv2_pico"]
+    assert all(found == {0, 1, 2} for found in seeds.values())
+
+
+def test_heldout_table_covers_every_run_and_layer():
+    folder = RESULTS / "capacity_probe_30ep_seeds"
+    summary = read_rows(folder / "summary.csv")
+    heldout = read_rows(folder / "heldout" / "cosine_distance.csv")
+    trained = read_rows(folder / "layer_distances.csv")
+
+    for row in summary:
+        layers = [layer for layer in heldout if layer["run"] == row["member"]]
+        assert len(layers) == int(row["num_layers"]), row["member"]
+    # Other images give other distances; equal numbers would mean the training photos were measured again.
+    assert {(row["member"], row["layer"], row["distance"]) for row in trained}.isdisjoint(
+        {(row["run"], row["layer"], row["distance"]) for row in heldout})
