@@ -108,9 +108,9 @@ def version_order(version: str) -> int:
     return 0 if version == "v1" else 1
 
 
-def varying_columns(rows: list[dict]) -> list[tuple[str, str]]:
-    """Return the VARIANT_COLUMNS whose values differ between the rows."""
-    return [(column, unit) for column, unit in VARIANT_COLUMNS if len({row.get(column) for row in rows}) > 1]
+def varying_columns(rows: list[dict], columns=VARIANT_COLUMNS) -> list[tuple[str, str]]:
+    """Return the (column, unit) pairs of `columns` whose values differ between the rows."""
+    return [(column, unit) for column, unit in columns if len({row.get(column) for row in rows}) > 1]
 
 
 def variant_label(row: dict, columns: list[tuple[str, str]]) -> str:
@@ -189,8 +189,7 @@ def seeds_sentence(curves: list[SeedCurve]) -> str:
 
 def setting_columns(rows: list[dict]) -> list[tuple[str, str]]:
     """Return the mask ratio and VARIANT_COLUMNS columns whose values differ between the rows."""
-    return [(column, unit) for column, unit in (("mask_ratio", "mask ratio"), *VARIANT_COLUMNS)
-            if len({row.get(column) for row in rows}) > 1]
+    return varying_columns(rows, (("mask_ratio", "mask ratio"), *VARIANT_COLUMNS))
 
 
 def setting_label(curve: SeedCurve, varying: list[tuple[str, str]]) -> str:

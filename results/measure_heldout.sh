@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Measure the final encoders of a results sweep on images they were not trained on: the nine
-# pictures shipped with scikit-image that --data sample leaves out (grey photographs and
-# textures, a cell, coins, the moon, a retina and a stained tissue section). Run it after the
+# Measure the final encoders of a results sweep on images they were not trained on. These are
+# the nine pictures shipped with scikit-image that --data sample leaves out: grey photographs
+# and textures, a cell, coins, the moon, a retina and a stained tissue section. Run it after the
 # experiment's run.sh, while its run folders exist under runs/results. Writes
 # results/<experiment>/heldout/cosine_distance.csv (one row per run and layer) and .json.
 # Usage: bash results/measure_heldout.sh [EXPERIMENT]   (default capacity_probe_30ep_seeds)

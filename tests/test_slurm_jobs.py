@@ -137,7 +137,7 @@ def test_preemption_and_user_signal_resume_exactly(reference_runs, tmp_path):
     assert [e["cause"] for e in final["interruptions"]] == ["preemption", "preemption"]
     assert final["step"] == TOTAL_STEPS
     # Where the real preemption lands depends on slurmctld's scheduling pass, so either signal may
-    # stop the job on an epoch boundary; the exact-resume check needs one of them mid-epoch.
+    # stop the job on an epoch boundary. The exact-resume check needs one of them mid-epoch.
     steps = [e["step"] for e in final["interruptions"]]
     assert 0 < steps[0] < steps[1] < TOTAL_STEPS, steps
     assert any(step % STEPS_PER_EPOCH for step in steps), f"both interruptions at epoch boundaries: {steps}"
